@@ -1,21 +1,384 @@
-"""Per-token log-probs of many sequences under a causal LM, optionally tree-packed.
+"""Per-token log-probs of many sequences under a causal LM, tree-packed by default.
 
-`token_logprobs(model, sequences)` is the one entry point the trainer calls. This first
-version implements the linearized path (`packing="none"`); tree packing follows.
+The one entry point the trainer calls is `token_logprobs(model, sequences)`.
+
+Tree packing
+------------
+Steer-tree training sequences share long prefixes (every steer's prefix+chosen and
+prefix+rejected, every SFT path of one task start with the same prompt and response).
+`packing="tree"` inserts all sequences into a prefix trie over token ids, so an identical
+prefix is one set of trie nodes, and forwards the trie nodes in depth-first order as one
+packed row with
+
+* ``position_ids`` = depth of the node (0-based from the first token of the sequence), and
+* an ancestor-only attention mask: a node sees its ancestors and itself, never a sibling
+  branch. In DFS preorder node ``j`` is an ancestor-or-self of node ``i`` exactly when
+  ``j <= i < end[j]`` (``end[j]`` = one past the last node of ``j``'s subtree), so the
+  mask is built from one vector without any loop over token pairs. DFS order keeps
+  ancestors before descendants, so the mask is a subset of the causal mask.
+
+The log-prob of trie node ``k`` (token ``t_k``) is read from the logits at its parent's
+position, once per node however many sequences share it; each sequence then gathers its
+tokens' node log-probs with one index tensor.
+
+Rows: the unit of packing is a trie (sequences with the same first token). Tries are
+placed into rows of at most ``token_budget`` tokens first-fit-decreasing. A trie larger
+than the budget is split by sequence, in lexicographic order so neighbours keep their
+shared prefixes, into chunks of at most ``token_budget`` unique tokens; each chunk
+re-emits the prefix it needs. A single sequence longer than the budget gets a row of its
+own (a sequence cannot be split across rows without a KV cache).
+
+Sequences of length 1 have nothing to predict: they get an empty tensor and are not
+forwarded, so every packed row holds at least one predicted token.
+
+Masks: a float additive 4D mask ``[1, 1, T, T]`` (0 allowed, dtype-min blocked) for the
+eager and sdpa backends; transformers (5.x, ``masking_utils._preprocess_mask_arguments``)
+passes a 4D mask through untouched, without combining it with its own causal mask. For
+``attn_implementation="flex_attention"`` a FlexAttention ``BlockMask`` with the same rule
+is passed instead, which skips the fully masked blocks.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-__all__ = ["token_logprobs"]
+__all__ = [
+    "PackPlan",
+    "TreePackingUnsupported",
+    "check_tree_packing",
+    "pack_stats",
+    "plan_packing",
+    "token_logprobs",
+]
 
 PACKINGS = ("tree", "none")
+#: Attention backends that take an arbitrary 4D additive mask (or, for flex, a BlockMask).
+_MASKABLE_BACKENDS = ("eager", "sdpa", "flex_attention")
+#: Layer kinds that are not softmax attention over the whole row.
+_NON_ATTENTION_LAYERS = ("linear_attention", "mamba", "conv", "recurrent", "rwkv", "ssm", "hybrid")
+#: Model types whose layers are (partly) recurrent / state-space, so a token sees its
+#: predecessors through a state that a mask cannot cut.
+_RECURRENT_MODEL_TYPES = frozenset({
+    "mamba", "mamba2", "jamba", "bamba", "zamba", "zamba2", "falcon_h1", "falcon_mamba",
+    "rwkv", "recurrent_gemma", "qwen3_next", "lfm2", "lfm2_moe", "granitemoehybrid",
+    "nemotron_h", "minimax", "plamo2", "xlstm",
+})
 
 
-def _model_device(model, device):
+class TreePackingUnsupported(ValueError):
+    """The model or its attention backend cannot run a tree-packed row exactly."""
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    """One forward pass: trie nodes in DFS order.
+
+    tokens, depth, end, parent: int64 [T]. ``parent`` is -1 for a root. ``end[j]`` is one
+    past the last node of j's subtree. ``keep``: sorted positions whose logits are needed
+    (nodes with at least one child). ``child``: the non-root nodes, ``child_src``: index
+    into ``keep`` of each child's parent.
+    """
+
+    tokens: np.ndarray
+    depth: np.ndarray
+    end: np.ndarray
+    parent: np.ndarray
+    keep: np.ndarray
+    child: np.ndarray
+    child_src: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """Everything about a batch of sequences that does not need the model.
+
+    The concatenated per-row child log-probs form one flat vector; ``seq_index`` picks
+    each sequence's predicted tokens from it in order, ``seq_counts`` splits it back.
+    Build once with `plan_packing` and reuse for the policy and the reference pass.
+    """
+
+    packing: str
+    rows: tuple[PackedRow, ...]
+    seq_index: np.ndarray
+    seq_counts: tuple[int, ...]
+    # packing="none" only: per row, the sequence ids it holds (padded to the longest).
+    linear_rows: tuple[tuple[int, ...], ...] = ()
+    linear_width: tuple[int, ...] = ()
+
+    @property
+    def tokens_forwarded(self) -> int:
+        if self.packing == "tree":
+            return int(sum(len(r) for r in self.rows))
+        return int(sum(len(r) * w for r, w in zip(self.linear_rows, self.linear_width)))
+
+    @property
+    def max_row(self) -> int:
+        if self.packing == "tree":
+            return max((len(r) for r in self.rows), default=0)
+        return max(self.linear_width, default=0)
+
+
+def _as_arrays(sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    if isinstance(sequences, (str, bytes)) or not isinstance(sequences, Sequence):
+        raise TypeError("sequences must be a list of token-id lists")
+    arrays = []
+    for i, s in enumerate(sequences):
+        a = np.asarray(s.tolist() if isinstance(s, torch.Tensor) else list(s), dtype=np.int64)
+        if a.ndim != 1 or len(a) == 0:
+            raise ValueError(f"sequences[{i}] must be a non-empty list of token ids")
+        if (a < 0).any():
+            raise ValueError(f"sequences[{i}] holds a negative token id")
+        arrays.append(a)
+    return arrays
+
+
+def _lcp(a: np.ndarray, b: np.ndarray) -> int:
+    m = min(len(a), len(b))
+    diff = np.flatnonzero(a[:m] != b[:m])
+    return int(diff[0]) if len(diff) else m
+
+
+def _chunks(order: list[int], seqs: list[np.ndarray], budget: int) -> list[tuple[list[int], int]]:
+    """Split sequences (sorted lexicographically) into tries, and tries larger than the
+    budget into chunks of at most `budget` unique tokens. Returns (members, n_tokens)."""
+    out: list[tuple[list[int], int]] = []
+    members: list[int] = []
+    size = 0
+    prev = None
+    for i in order:
+        s = seqs[i]
+        shared = _lcp(s, seqs[prev]) if prev is not None else 0
+        new = len(s) - shared
+        if members and (shared == 0 or size + new > budget):
+            out.append((members, size))
+            members, size, new = [], 0, len(s)
+        members.append(i)
+        size += new
+        prev = i
+    if members:
+        out.append((members, size))
+    return out
+
+
+def _first_fit(items: list[tuple[list[int], int]], budget: int) -> list[list[list[int]]]:
+    """First-fit decreasing: rows of items whose sizes sum to at most budget."""
+    rows: list[list[list[int]]] = []
+    room: list[int] = []
+    for members, size in sorted(items, key=lambda it: -it[1]):
+        for r, free in enumerate(room):
+            if size <= free:
+                rows[r].append(members)
+                room[r] -= size
+                break
+        else:
+            rows.append([members])
+            room.append(budget - size)
+    return rows
+
+
+def _emit_row(groups: list[list[int]], seqs: list[np.ndarray], seq_nodes: dict[int, np.ndarray]):
+    """Lay the tries of one row out in DFS order; record each sequence's node indices."""
+    tokens: list[np.ndarray] = []
+    depth: list[np.ndarray] = []
+    parent: list[np.ndarray] = []
+    total = sum(
+        len(seqs[g[0]]) + sum(len(seqs[b]) - _lcp(seqs[b], seqs[a]) for a, b in zip(g, g[1:]))
+        for g in groups
+    )
+    end = np.full(total, total, dtype=np.int64)
+    cur = 0
+    for group in groups:
+        prev_nodes = np.zeros(0, dtype=np.int64)
+        prev_seq = None
+        for i in group:
+            s = seqs[i]
+            shared = _lcp(s, seqs[prev_seq]) if prev_seq is not None else 0
+            # Nodes of the previous path deeper than the shared prefix are closed here.
+            end[prev_nodes[shared:]] = cur
+            n_new = len(s) - shared
+            new_nodes = np.arange(cur, cur + n_new, dtype=np.int64)
+            if n_new:
+                tokens.append(s[shared:])
+                depth.append(np.arange(shared, len(s), dtype=np.int64))
+                first_parent = prev_nodes[shared - 1] if shared else -1
+                parent.append(np.concatenate(([first_parent], new_nodes[:-1])))
+            nodes = np.concatenate((prev_nodes[:shared], new_nodes))
+            seq_nodes[i] = nodes
+            prev_nodes, prev_seq = nodes, i
+            cur += n_new
+        end[prev_nodes] = cur  # close the trie
+    assert cur == total
+    tok = np.concatenate(tokens)
+    par = np.concatenate(parent)
+    child = np.flatnonzero(par >= 0)
+    keep, child_src = np.unique(par[child], return_inverse=True)
+    return PackedRow(tok, np.concatenate(depth), end, par, keep, child, child_src.reshape(-1))
+
+
+def plan_packing(
+    sequences: Sequence[Sequence[int]], *, packing: str = "tree", token_budget: int = 4096
+) -> PackPlan:
+    """Lay out `sequences` in rows of at most `token_budget` tokens (see module doc)."""
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
+    if not isinstance(token_budget, int) or token_budget < 1:
+        raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
+    seqs = _as_arrays(sequences)
+    counts = tuple(len(s) - 1 for s in seqs)
+    live = [i for i, s in enumerate(seqs) if len(s) > 1]
+    if packing == "none":
+        return _plan_linear(seqs, live, counts, token_budget)
+
+    order = sorted(live, key=lambda i: seqs[i].tolist())
+    rows_members = _first_fit(_chunks(order, seqs, token_budget), token_budget)
+    rows: list[PackedRow] = []
+    index_parts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(seqs)
+    offset = 0
+    for groups in rows_members:
+        seq_nodes: dict[int, np.ndarray] = {}
+        row = _emit_row(groups, seqs, seq_nodes)
+        # slot of each node among the row's children (its place in the row's log-prob vector)
+        slot = np.full(len(row), -1, dtype=np.int64)
+        slot[row.child] = np.arange(len(row.child)) + offset
+        for i, nodes in seq_nodes.items():
+            index_parts[i] = slot[nodes[1:]]
+        offset += len(row.child)
+        rows.append(row)
+    seq_index = np.concatenate(index_parts) if index_parts else np.zeros(0, dtype=np.int64)
+    return PackPlan("tree", tuple(rows), seq_index, counts)
+
+
+def _plan_linear(seqs, live, counts, budget) -> PackPlan:
+    """Each sequence its own row, right-padded; rows batched while batch*width <= budget."""
+    by_len = sorted(live, key=lambda i: -len(seqs[i]))
+    batches: list[list[int]] = []
+    widths: list[int] = []
+    for i in by_len:
+        n = len(seqs[i])
+        if batches and widths[-1] * (len(batches[-1]) + 1) <= budget:
+            batches[-1].append(i)  # sorted by length: the width stays the first one's
+        else:
+            batches.append([i])
+            widths.append(n)
+    # Flat layout: batch b row r position p -> offset_b + r * (width_b - 1) + p
+    index_parts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(seqs)
+    offset = 0
+    for batch, w in zip(batches, widths):
+        for r, i in enumerate(batch):
+            index_parts[i] = offset + r * (w - 1) + np.arange(len(seqs[i]) - 1)
+        offset += len(batch) * (w - 1)
+    seq_index = np.concatenate(index_parts) if index_parts else np.zeros(0, dtype=np.int64)
+    return PackPlan(
+        "none", (), seq_index, counts, tuple(tuple(b) for b in batches), tuple(widths)
+    )
+
+
+def pack_stats(sequences: Sequence[Sequence[int]], token_budget: int = 4096) -> dict:
+    """Token counts of both layouts, for logs and the benchmark.
+
+    tokens_tree: tokens forwarded tree-packed; tokens_linear: sum of sequence lengths;
+    tokens_linear_padded: what the linearized path forwards with its padding; rows /
+    rows_linear: forward passes; loss_tokens: predicted tokens over all sequences.
+    """
+    tree = plan_packing(sequences, packing="tree", token_budget=token_budget)
+    lin = plan_packing(sequences, packing="none", token_budget=token_budget)
+    return {
+        "sequences": len(tree.seq_counts),
+        "loss_tokens": int(sum(tree.seq_counts)),
+        "tokens_tree": tree.tokens_forwarded,
+        "tokens_linear": int(sum(c + 1 for c in tree.seq_counts if c > 0)),
+        "tokens_linear_padded": lin.tokens_forwarded,
+        "rows": len(tree.rows),
+        "rows_linear": len(lin.linear_rows),
+        "max_row": tree.max_row,
+    }
+
+
+# --------------------------------------------------------------------------- model checks
+
+
+def _config(model):
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise TypeError(f"{type(model).__name__} has no .config; expected a transformers model")
+    return cfg
+
+
+def _base(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _forward_params(model) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(_base(model).forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - exotic forward
+        return frozenset()
+
+
+def _sub_configs(cfg):
+    yield cfg
+    text = getattr(cfg, "text_config", None)
+    if text is not None and text is not cfg:
+        yield text
+
+
+def check_tree_packing(model, row_tokens: int | None = None) -> str | None:
+    """Why `model` cannot run a tree-packed row exactly, or None when it can.
+
+    row_tokens: the longest row that will be forwarded (sliding windows shorter than it
+    are refused; without it any sliding window is refused).
+    """
+    cfg = _config(model)
+    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    if impl.startswith("flash") or impl not in _MASKABLE_BACKENDS:
+        return (
+            f"attention backend {impl!r} cannot take an arbitrary 4D mask; load the model with "
+            f"attn_implementation='sdpa' or 'eager' (or 'flex_attention'), or use packing='none'"
+        )
+    for c in _sub_configs(cfg):
+        model_type = getattr(c, "model_type", "")
+        if model_type in _RECURRENT_MODEL_TYPES:
+            return f"{model_type!r} has recurrent/linear-attention layers that a tree mask cannot isolate"
+        kinds = set(getattr(c, "layer_types", None) or ())
+        for attr in ("layers_block_type", "hybrid_override_pattern", "layer_block_types"):
+            v = getattr(c, attr, None)
+            if v:
+                kinds.update(v if isinstance(v, (list, tuple)) else [str(v)])
+        bad = sorted(k for k in kinds if any(w in str(k).lower() for w in _NON_ATTENTION_LAYERS))
+        if bad:
+            return f"layer types {bad} are not softmax attention; a tree mask cannot isolate branches"
+        window = getattr(c, "sliding_window", None)
+        uses_window = getattr(c, "use_sliding_window", True) is not False
+        if "sliding_attention" in kinds or (window and uses_window):
+            if window and row_tokens is not None and window >= row_tokens:
+                continue
+            return (
+                f"sliding-window attention (window {window}) counts distance by packed index, "
+                f"not tree depth; rows of {row_tokens or 'unknown'} tokens would change the result"
+            )
+    if "position_ids" not in _forward_params(model):
+        return f"{type(_base(model)).__name__}.forward takes no position_ids (e.g. ALiBi); tree depth cannot be passed"
+    return None
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def _model_device(model, device) -> torch.device:
     if device is not None:
         return torch.device(device)
     try:
@@ -24,76 +387,80 @@ def _model_device(model, device):
         return torch.device("cpu")
 
 
-def _check_sequences(sequences: Sequence[Sequence[int]]) -> list[list[int]]:
-    seqs = [list(s) for s in sequences]
-    for i, s in enumerate(seqs):
-        if len(s) < 1:
-            raise ValueError(f"sequences[{i}] is empty; every sequence needs at least one token")
-    return seqs
+def _model_dtype(model) -> torch.dtype:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.dtype
+    return next(model.parameters()).dtype
 
 
-def _linear_rows(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Group sequence indices into rows of at most `token_budget` padded tokens.
-
-    Rows are padded to their longest member, so the cost of a row is
-    n_members * max_len. A sequence longer than the budget gets a row of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    rows: list[list[int]] = []
-    cur: list[int] = []
-    cur_max = 0
-    for i in order:
-        n = lengths[i]
-        new_max = max(cur_max, n)
-        if cur and new_max * (len(cur) + 1) > token_budget:
-            rows.append(cur)
-            cur, cur_max = [], 0
-            new_max = n
-        cur.append(i)
-        cur_max = new_max
-    if cur:
-        rows.append(cur)
-    return rows
+def ancestor_mask(end: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [1, 1, T, T] for a DFS-ordered row: query i sees key j iff
+    j <= i < end[j] (j is i's ancestor or i itself); 0 where allowed, dtype-min elsewhere."""
+    n = end.shape[0]
+    pos = torch.arange(n, device=end.device)
+    allowed = (pos[None, :] <= pos[:, None]) & (pos[:, None] < end[None, :])
+    mask = torch.zeros((n, n), dtype=dtype, device=end.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
 
 
-def _gather_logprobs(logits: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits[src])[tgt] for flat index/target vectors, in fp32."""
-    picked = logits[src].float()
-    return picked.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+def ancestor_block_mask(end: torch.Tensor):
+    """The same rule as a FlexAttention BlockMask (for attn_implementation='flex_attention')."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n = end.shape[0]
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & (q < end[kv])
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=end.device)
 
 
-def _linear_logprobs(model, seqs: list[list[int]], token_budget: int, device) -> list[torch.Tensor]:
-    out: list[torch.Tensor | None] = [None] * len(seqs)
-    lengths = [len(s) for s in seqs]
-    live = [i for i in range(len(seqs)) if lengths[i] > 1]
-    for i in range(len(seqs)):
-        if lengths[i] == 1:  # nothing to predict: no forward pass for it
-            out[i] = torch.zeros(0, dtype=torch.float32, device=device)
-    rows = _linear_rows([lengths[i] for i in live], token_budget)
-    for row in ([live[k] for k in r] for r in rows):
-        width = max(lengths[i] for i in row)
-        ids = torch.zeros((len(row), width), dtype=torch.long)
-        attn = torch.zeros((len(row), width), dtype=torch.long)
-        for r, i in enumerate(row):
-            ids[r, : lengths[i]] = torch.tensor(seqs[i], dtype=torch.long)
-            attn[r, : lengths[i]] = 1
-        ids, attn = ids.to(device), attn.to(device)
-        logits = model(input_ids=ids, attention_mask=attn).logits  # [B, T, V]
+def _child_logprobs(logits: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[src, tgt] in fp32, with one logsumexp per logits row."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits[src, tgt] - lse[src]
+
+
+def _tree_forward(model, plan: PackPlan, device) -> list[torch.Tensor]:
+    impl = getattr(_config(model), "_attn_implementation", None) or "eager"
+    dtype = _model_dtype(model)
+    can_keep = "logits_to_keep" in _forward_params(model)
+    parts = []
+    for row in plan.rows:
+        ids = torch.from_numpy(row.tokens).to(device)[None]
+        pos = torch.from_numpy(row.depth).to(device)[None]
+        end = torch.from_numpy(row.end).to(device)
+        mask = ancestor_block_mask(end) if impl == "flex_attention" else ancestor_mask(end, dtype)
+        keep = torch.from_numpy(row.keep).to(device)
+        kwargs = {"logits_to_keep": keep} if can_keep else {}
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs).logits[0]
+        if not can_keep:
+            logits = logits[keep]
+        src = torch.from_numpy(row.child_src).to(device)
+        tgt = torch.from_numpy(row.tokens[row.child]).to(device)
+        parts.append(_child_logprobs(logits, src, tgt))
+    return parts
+
+
+def _linear_forward(model, plan: PackPlan, seqs: list[np.ndarray], device) -> list[torch.Tensor]:
+    parts = []
+    for batch, width in zip(plan.linear_rows, plan.linear_width):
+        ids = np.zeros((len(batch), width), dtype=np.int64)
+        attn = np.zeros((len(batch), width), dtype=np.int64)
+        for r, i in enumerate(batch):
+            ids[r, : len(seqs[i])] = seqs[i]
+            attn[r, : len(seqs[i])] = 1
+        ids_t = torch.from_numpy(ids).to(device)
+        logits = model(
+            input_ids=ids_t, attention_mask=torch.from_numpy(attn).to(device), use_cache=False
+        ).logits[:, :-1]  # [B, W-1, V]; padding targets are gathered but never indexed
         flat = logits.reshape(-1, logits.shape[-1])
-        src, tgt, splits = [], [], []
-        for r, i in enumerate(row):
-            n = lengths[i] - 1
-            src.extend(range(r * width, r * width + n))
-            tgt.extend(seqs[i][1:])
-            splits.append(n)
-        lp = _gather_logprobs(
-            flat,
-            torch.tensor(src, dtype=torch.long, device=device),
-            torch.tensor(tgt, dtype=torch.long, device=device),
-        )
-        for i, part in zip(row, torch.split(lp, splits)):
-            out[i] = part
-    return out  # type: ignore[return-value]
+        src = torch.arange(flat.shape[0], device=device)
+        parts.append(_child_logprobs(flat, src, ids_t[:, 1:].reshape(-1)))
+    return parts
 
 
 def token_logprobs(
@@ -104,16 +471,47 @@ def token_logprobs(
     token_budget: int = 4096,
     device=None,
     fallback: bool = False,
+    plan: PackPlan | None = None,
 ) -> list[torch.Tensor]:
-    """Per-token log-probs of each sequence under `model`.
+    """Per-token log-probs of each sequence under `model` (a HF causal LM, maybe peft).
 
-    out[i][j] = log p(sequences[i][j+1] | sequences[i][:j+1]), fp32, shape [len(seq_i) - 1].
-    A length-1 sequence gets an empty tensor. Differentiable: call under torch.no_grad()
-    for reference log-probs.
+    out[i][j] = log p(sequences[i][j+1] | sequences[i][:j+1]), fp32, shape
+    [len(sequences[i]) - 1] (empty for a length-1 sequence). Differentiable: call under
+    torch.no_grad() for reference log-probs. The autograd graph of every row is held
+    until the outputs are released, so pass one micro-batch at a time.
+
+    packing: "tree" (default) or "none" (linearized rows, right-padded).
+    token_budget: tokens per forward pass (rows x width for "none").
+    fallback: when tree packing is impossible for this model, warn and use "none"
+        instead of raising TreePackingUnsupported.
+    plan: a `plan_packing(sequences, ...)` result to reuse (policy + reference passes).
     """
     if packing not in PACKINGS:
         raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
-    seqs = _check_sequences(sequences)
+    seqs = _as_arrays(sequences)
+    vocab = getattr(_config(model), "vocab_size", None)
+    if vocab is not None:
+        for i, s in enumerate(seqs):
+            if s.max() >= vocab:
+                raise ValueError(f"sequences[{i}] holds token id {int(s.max())} >= vocab size {vocab}")
+    if plan is None or plan.packing != packing:
+        plan = plan_packing(seqs, packing=packing, token_budget=token_budget)
+    if len(plan.seq_counts) != len(seqs) or plan.seq_counts != tuple(len(s) - 1 for s in seqs):
+        raise ValueError("plan was built for other sequences")
+    if packing == "tree":
+        reason = check_tree_packing(model, row_tokens=plan.max_row)
+        if reason is not None:
+            if not fallback:
+                raise TreePackingUnsupported(f"tree packing refused: {reason}")
+            warnings.warn(f"tree packing refused, using packing='none': {reason}", stacklevel=2)
+            return token_logprobs(model, seqs, packing="none", token_budget=token_budget, device=device)
     dev = _model_device(model, device)
-    # Tree packing is not implemented yet in this version; the linearized path is exact.
-    return _linear_logprobs(model, seqs, token_budget, dev)
+    if packing == "tree":
+        parts = _tree_forward(model, plan, dev)
+    else:
+        parts = _linear_forward(model, plan, seqs, dev)
+    if not parts:
+        return [torch.zeros(0, dtype=torch.float32, device=dev) for _ in seqs]
+    flat = torch.cat(parts)
+    picked = flat[torch.from_numpy(plan.seq_index).to(dev)]
+    return list(torch.split(picked, list(plan.seq_counts)))
