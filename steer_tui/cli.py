@@ -1,0 +1,229 @@
+"""``steer-tui``: one command group. Every subcommand returns an exit code; user mistakes
+print one clear line to stderr (exit 2) instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from steer_tui import __version__
+
+
+class CliError(Exception):
+    """A user-facing error: printed as ``steer-tui: <message>`` with exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------
+# argument parsing
+
+
+def _positive_int(name: str) -> Callable[[str], int]:
+    def conv(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be positive, got {v}")
+        return v
+
+    return conv
+
+
+def _temperature(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--temperature must be a number, got {s!r}") from None
+    if not 0 <= v <= 10:
+        raise argparse.ArgumentTypeError(f"--temperature must be between 0 and 10, got {v}")
+    return v
+
+
+def _add_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", metavar="DIR", help="task store (default: $STEER_STORE or the platform data dir)")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="GGUF", help="GGUF model file (default: bundled SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--adapter", metavar="LORA_GGUF", help="LoRA adapter in llama.cpp GGUF format (from steer-train)")
+    p.add_argument("--n-ctx", type=_positive_int("--n-ctx"), default=4096, help="context size in tokens (default 4096)")
+    p.add_argument(
+        "--n-gpu-layers",
+        type=int,
+        default=-1,
+        help="layers to offload to the GPU where llama.cpp was built with GPU support (default: all)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random, recorded in the task)")
+    p.add_argument("--temperature", type=_temperature, default=None, help="sampling temperature (0 = greedy)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steer-tui",
+        description="Steer a local LLM token by token; every correction is saved as training data.",
+    )
+    parser.add_argument("--version", action="version", version=f"steer-tui {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("session", help="the steering app (Textual)")
+    _add_model(p)
+    _add_store(p)
+    p.add_argument("--task", metavar="ID", help="open this saved task")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", metavar="TEXT", help="start a new task with this prompt")
+    src.add_argument("--tasks", metavar="FILE.jsonl", help="work through a queue of prompts (JSONL)")
+    p.add_argument("--system", metavar="TEXT", help="system prompt for new chat tasks")
+    p.add_argument("--raw", action="store_true", help="use --prompt as raw text, without the chat template")
+    p.add_argument("--annotator", default=os.environ.get("STEER_ANNOTATOR") or os.environ.get("USER"), help="your name, recorded on each steer")
+    p.add_argument("--read-only", action="store_true", help="open --task without editing it")
+    p.add_argument("--max-tokens", type=_positive_int("--max-tokens"), default=None, help="tokens per continuation")
+
+    p = sub.add_parser("list", help="list saved tasks")
+    _add_store(p)
+
+    p = sub.add_parser("show", help="print a task's tree as text, steers marked")
+    _add_store(p)
+    p.add_argument("task", metavar="TASK", help="task id, or a path to a task file")
+
+    p = sub.add_parser("export", help="write training data as JSONL (dpo, sft, kto, trees)")
+    _add_store(p)
+    p.add_argument("--format", required=True, choices=["dpo", "sft", "kto", "trees"])
+    p.add_argument("--out", required=True, metavar="FILE.jsonl")
+    p.add_argument("--from", dest="sources", action="append", metavar="DIR|FILE", help="task files or dirs (default: the store; repeatable)")
+    p.add_argument("--model", metavar="GGUF", help="vocabulary for rejected-span text (default: the model recorded in the trees)")
+    p.add_argument("--rejected-tokens", type=_positive_int("--rejected-tokens"), default=None, help="K: rejected span length (default: the chosen length)")
+
+    p = sub.add_parser("auto", help="headless rule-driven steering (writes ordinary steer trees)")
+    _add_model(p)
+    _add_store(p)
+    p.add_argument("--rules", required=True, metavar="RULES.toml")
+    p.add_argument("--tasks", required=True, metavar="FILE.jsonl")
+    p.add_argument("--samples", type=_positive_int("--samples"), default=1, help="generations per prompt")
+    p.add_argument("--max-tokens", type=_positive_int("--max-tokens"), default=256)
+    p.add_argument("--dry-run", action="store_true", help="count steers per 1,000 tokens; write nothing")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------
+# commands
+
+
+def _store(ns: argparse.Namespace):
+    from steer_tui.core.store import Store
+
+    return Store(ns.store) if ns.store else Store()
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    from steer_tui.core.safe_text import visible
+
+    store = _store(ns)
+    tasks = store.list_tasks()
+    if not tasks:
+        print(f"no tasks in {store.tasks_dir}")
+        return 0
+    print(f"{'TASK':40} {'UPDATED':20} {'STEERS':>6} {'TOKENS':>7}  TITLE")
+    for t in tasks:
+        if t.error:
+            print(f"{t.id:40} {'':20} {'':>6} {'':>7}  [unreadable] {visible(t.error, newlines=False)}")
+            continue
+        print(f"{t.id:40} {t.updated_at:20} {t.n_steers:6d} {t.n_response_tokens:7d}  {visible(t.title, newlines=False)}")
+    return 0
+
+
+def _load_task(ns: argparse.Namespace):
+    from steer_tui.core.store import load_tree
+
+    p = Path(ns.task)
+    if p.suffix == ".json" and p.exists():
+        return load_tree(p)
+    return _store(ns).load(ns.task)
+
+
+def cmd_show(ns: argparse.Namespace) -> int:
+    from steer_tui.core.render import render_tree
+
+    sys.stdout.write(render_tree(_load_task(ns)))
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from steer_tui.core.export import export, iter_trees, llama_detokenizer
+    from steer_tui.core.models import check_gguf
+
+    sources = ns.sources or [_store(ns).tasks_dir]
+    for s in sources:
+        if not Path(s).exists():
+            raise CliError(f"--from {s}: no such file or directory")
+    detok = None
+    if ns.format in ("dpo", "kto"):
+        model = ns.model
+        if model is None:
+            probe: list[str] = []
+            model = next((t.model.get("path") for t in iter_trees(sources, probe) if t.model.get("path")), None)
+            if model and not Path(model).exists():
+                model = None
+        if model:
+            detok = llama_detokenizer(check_gguf(model))
+        else:
+            print("steer-tui: no model vocabulary found; rejected text is the whole replaced node (pass --model)", file=sys.stderr)
+    report = export(ns.format, sources, ns.out, detok=detok, rejected_tokens=ns.rejected_tokens)
+    for err in report.skipped or []:
+        print(f"steer-tui: skipped {err}", file=sys.stderr)
+    print(f"wrote {report.rows} {ns.format} rows from {report.trees} tasks to {ns.out}")
+    return 0
+
+
+def cmd_session(ns: argparse.Namespace) -> int:
+    from steer_tui.ui.app import run_app
+
+    return run_app(ns)
+
+
+def cmd_auto(ns: argparse.Namespace) -> int:
+    from steer_tui.core.auto import run_auto_cli
+
+    return run_auto_cli(ns)
+
+
+COMMANDS = {"session": cmd_session, "list": cmd_list, "show": cmd_show, "export": cmd_export, "auto": cmd_auto}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 0
+    return run_command(ns)
+
+
+def run_command(ns: argparse.Namespace) -> int:
+    """Run a parsed command, turning the project's own errors into one clear line."""
+    from steer_tui.core.models import ModelNotFound
+    from steer_tui.core.store import StoreError
+    from steer_tui.core.tasks import TaskQueueError
+    from steer_tui.core.tree import TreeError
+
+    user_errors: tuple[type[BaseException], ...] = (CliError, StoreError, TreeError, ModelNotFound, TaskQueueError)
+    try:
+        from steer_tui.core.engine import EngineError
+
+        user_errors += (EngineError,)
+    except ImportError:  # pragma: no cover - during bootstrap
+        pass
+    try:
+        return COMMANDS[ns.command](ns)
+    except user_errors as exc:
+        print(f"steer-tui: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
