@@ -1,0 +1,207 @@
+"""Loss functions: tensors in, tensors out.
+
+Nothing here runs a model. Every function takes per-token log-probabilities that
+``train.packing.token_logprobs`` produced (``out[i][j] = log p(seq[i][j+1] | seq[i][:j+1])``)
+plus weights or spans that ``train.data`` built before any model existed, and returns
+tensors. Shapes are documented per function; ``B`` = number of sequences, ``T`` = padded
+length of the *prediction* axis (sequence length - 1), ``N`` = number of steers.
+
+Conventions
+-----------
+* A weight of 0 means "no loss on this token"; padding positions carry weight 0.
+* DPO works on **summed** log-probs over the localized span (the chosen correction or the
+  first K rejected tokens), optionally divided by the span length (``length_normalize``).
+* The reference log-probs are plain tensors (computed once with the adapter disabled and
+  cached); no gradient flows through them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "pad_logps",
+    "weighted_nll",
+    "span_logps",
+    "dpo_loss",
+    "DPOOutput",
+    "chosen_nll",
+    "reference_kl",
+    "dpo_metrics",
+]
+
+
+def pad_logps(logps: Sequence[Tensor], value: float = 0.0) -> Tensor:
+    """Stack variable-length 1-D log-prob tensors into ``(B, T)``, right-padded with ``value``.
+
+    Keeps the autograd graph (``torch.nn.utils.rnn.pad_sequence``)."""
+    if len(logps) == 0:
+        raise ValueError("pad_logps: no sequences")
+    return torch.nn.utils.rnn.pad_sequence(list(logps), batch_first=True, padding_value=value)
+
+
+def weighted_nll(logps: Tensor, weights: Tensor, *, normalize: str = "sequence") -> Tensor:
+    """Masked, weighted negative log-likelihood.
+
+    Args:
+        logps: ``(B, T)`` log p of each target token.
+        weights: ``(B, T)`` non-negative loss weight per target token (0 = masked: prompt,
+            padding, model tokens by default).
+        normalize: ``"sequence"``: each sequence's weighted mean NLL, then the mean over
+            sequences that have any weight (every sequence counts the same, however many
+            human tokens it holds); ``"token"``: total weighted NLL / total weight.
+
+    Returns:
+        scalar tensor. 0 (with a graph) when every weight is 0.
+    """
+    if logps.shape != weights.shape:
+        raise ValueError(f"weighted_nll: logps {tuple(logps.shape)} != weights {tuple(weights.shape)}")
+    w = weights.to(logps.dtype)
+    nll = -(logps * w)
+    if normalize == "token":
+        total = w.sum()
+        return nll.sum() / total.clamp_min(1e-12) if total > 0 else logps.sum() * 0.0
+    if normalize != "sequence":
+        raise ValueError(f"weighted_nll: normalize must be 'sequence' or 'token', not {normalize!r}")
+    per_seq_w = w.sum(dim=1)
+    has = per_seq_w > 0
+    if not bool(has.any()):
+        return logps.sum() * 0.0
+    per_seq = nll.sum(dim=1)[has] / per_seq_w[has]
+    return per_seq.mean()
+
+
+def span_logps(logps: Sequence[Tensor], spans: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """Sum of log-probs over one span per sequence.
+
+    Args:
+        logps: ``B`` tensors of shape ``(L_i - 1,)`` (prediction axis).
+        spans: ``B`` half-open ranges ``(start, end)`` **on the prediction axis**: the span of
+            target tokens ``seq[start+1 : end+1]``. For a DPO sequence ``prefix + completion``
+            the completion span is ``(len(prefix) - 1, len(prefix) - 1 + len(completion))``.
+
+    Returns:
+        ``(sums, lengths)``, both ``(B,)``; ``sums`` keeps the graph.
+    """
+    if len(logps) != len(spans):
+        raise ValueError(f"span_logps: {len(logps)} sequences but {len(spans)} spans")
+    sums, lens = [], []
+    for lp, (a, b) in zip(logps, spans):
+        if not (0 <= a <= b <= lp.shape[0]):
+            raise ValueError(f"span_logps: span ({a}, {b}) outside a sequence of {lp.shape[0]} targets")
+        sums.append(lp[a:b].sum())
+        lens.append(b - a)
+    device = logps[0].device if len(logps) else None
+    return torch.stack(sums), torch.tensor(lens, dtype=torch.float32, device=device)
+
+
+@dataclass
+class DPOOutput:
+    """Per-steer DPO results, all ``(N,)``."""
+
+    losses: Tensor
+    chosen_rewards: Tensor  # beta * (pi_c - ref_c), detached
+    rejected_rewards: Tensor  # beta * (pi_r - ref_r), detached
+
+    @property
+    def margins(self) -> Tensor:
+        return self.chosen_rewards - self.rejected_rewards
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> DPOOutput:
+    """DPO on span log-probs.
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: ``(N,)`` summed (or
+            length-normalized) log-probs of the chosen / rejected span under the policy and
+            the reference.
+        beta: inverse temperature of the implicit reward (DPO) / regularization (IPO).
+        loss_type: ``"sigmoid"``: ``-log σ(β·h)`` (with conservative label smoothing ε:
+            ``-(1-ε)·log σ(β·h) - ε·log σ(-β·h)``); ``"ipo"``: ``(h - 1/(2β))²``; where
+            ``h = (π_c - ref_c) - (π_r - ref_r)``.
+
+    Returns:
+        :class:`DPOOutput` with per-steer losses (reduce them yourself).
+    """
+    if beta <= 0:
+        raise ValueError(f"dpo_loss: beta must be > 0, got {beta}")
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"dpo_loss: loss_type must be 'sigmoid' or 'ipo', not {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return DPOOutput(losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+
+
+def chosen_nll(policy_chosen: Tensor, chosen_lengths: Tensor) -> Tensor:
+    """RPO-style SFT term on the chosen span, normalized per steer.
+
+    Args:
+        policy_chosen: ``(N,)`` summed log-probs of each chosen span.
+        chosen_lengths: ``(N,)`` span lengths (tokens).
+
+    Returns:
+        ``(N,)`` mean NLL per chosen token of each steer (every steer weighs the same,
+        however long its correction).
+    """
+    return -policy_chosen / chosen_lengths.to(policy_chosen.dtype).clamp_min(1.0)
+
+
+def reference_kl(policy: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
+    """Estimate of KL(reference ‖ policy) from tokens the reference model sampled.
+
+    The model-written tokens in a steer tree were sampled from the base model (the
+    reference), so ``k3 = exp(lp - lr) - 1 - (lp - lr)`` (``lp``/``lr`` = policy/reference
+    log-prob of the sampled token) is a non-negative, unbiased per-token estimate of
+    KL(ref ‖ policy). It keeps the adapter close to the base model on everything the human
+    did not correct, which is what prevents collapse into repetition.
+
+    Args:
+        policy: ``(B, T)`` policy log-probs.
+        reference: ``(B, T)`` reference log-probs (no grad).
+        mask: ``(B, T)`` 1 on model-written target tokens, 0 elsewhere.
+
+    Returns:
+        scalar: mean estimate over masked tokens (0 with a graph if none).
+    """
+    if not (policy.shape == reference.shape == mask.shape):
+        raise ValueError(
+            f"reference_kl: shapes differ: {tuple(policy.shape)}, {tuple(reference.shape)}, {tuple(mask.shape)}"
+        )
+    m = mask.to(policy.dtype)
+    total = m.sum()
+    if total <= 0:
+        return policy.sum() * 0.0
+    d = (policy - reference.detach()).clamp(-20.0, 20.0)
+    k3 = torch.exp(d) - 1.0 - d
+    return (k3 * m).sum() / total
+
+
+def dpo_metrics(out: DPOOutput) -> dict[str, float]:
+    """Scalar metrics of a batch of steers: mean reward margin, accuracy (margin > 0),
+    mean chosen/rejected rewards."""
+    margins = out.margins
+    return {
+        "rewards/margin": float(margins.mean()),
+        "rewards/accuracy": float((margins > 0).float().mean()),
+        "rewards/chosen": float(out.chosen_rewards.mean()),
+        "rewards/rejected": float(out.rejected_rewards.mean()),
+    }

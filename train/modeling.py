@@ -1,0 +1,359 @@
+"""Model loading for steer-train: resolve ``--model``, convert a GGUF once, find LoRA targets.
+
+``--model`` may be
+
+* a local ``FILE.gguf`` (the default: the model recorded in the trees, when it is a local
+  GGUF). transformers dequantizes it, but the loaded model keeps a GGUF quantizer marker that
+  ``Trainer`` and ``save_pretrained`` refuse, so it is converted **once** into a plain
+  safetensors directory cached under ``$STEER_CACHE`` (default
+  ``platformdirs.user_cache_dir("steer-tui")``)``/models/<sha256 of the GGUF>`` and every run
+  loads from there (well under a second instead of ~15 s);
+* a local Hugging Face model directory;
+* a Hugging Face id, only if it is already in the local HF cache: nothing is ever downloaded
+  (``local_files_only=True``).
+
+Weights load with ``use_safetensors=True`` (no pickle); ``trust_remote_code`` only when asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+SOURCE_FILE = "steer_source.json"  # written into a converted directory: where it came from
+
+
+class ModelError(Exception):
+    """A model cannot be resolved or loaded; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the training model comes from.
+
+    ``kind``: ``"gguf"`` (``path`` is the .gguf file), ``"dir"`` (HF directory) or ``"hub"``
+    (``path`` is an HF id present in the local cache). ``sha256`` is the GGUF's digest."""
+
+    kind: str
+    path: str
+    sha256: str | None = None
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name if self.kind != "hub" else self.path
+
+
+# ---------------------------------------------------------------------------- resolving
+
+
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return fh.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_model(spec: str | None, tree_models: Iterable[dict] = ()) -> ModelSource:
+    """Turn ``--model`` (or, when None, the ``model`` blocks of the trees) into a ModelSource.
+
+    Raises ModelError naming the argument and what is wrong."""
+    if spec is None:
+        paths = []
+        for m in tree_models:
+            p = (m or {}).get("path")
+            if p and p not in paths:
+                paths.append(p)
+        usable = [p for p in paths if Path(p).is_file() and is_gguf(p)]
+        if not usable:
+            where = f" (the trees name {', '.join(map(repr, paths))})" if paths else ""
+            raise ModelError(
+                f"--model not given and no tree records a local GGUF model that exists{where}; "
+                f"pass --model FILE.gguf, a Hugging Face model directory, or a cached HF id"
+            )
+        if len(usable) > 1:
+            log.warning("trees were captured with %d different models; training %s", len(usable), usable[0])
+        return ModelSource("gguf", str(Path(usable[0]).resolve()), file_sha256(usable[0]))
+    p = Path(spec).expanduser()
+    if p.is_file():
+        if not is_gguf(p):
+            raise ModelError(f"--model {spec!r} is a file but not a GGUF file (expected a .gguf or a directory)")
+        return ModelSource("gguf", str(p.resolve()), file_sha256(p))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"--model {spec!r} is a directory without config.json (not a Hugging Face model)")
+        return ModelSource("dir", str(p.resolve()))
+    if spec.endswith(".gguf") or os.sep in spec and not _looks_like_hub_id(spec):
+        raise ModelError(f"--model {spec!r} does not exist")
+    if not _looks_like_hub_id(spec):
+        raise ModelError(f"--model {spec!r} is neither an existing path nor a Hugging Face id")
+    if not _in_hub_cache(spec):
+        raise ModelError(
+            f"--model {spec!r} is not in the local Hugging Face cache and steer-train never downloads; "
+            f"fetch it yourself (e.g. `huggingface-cli download {spec}`) or pass a local directory / .gguf"
+        )
+    return ModelSource("hub", spec)
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not spec.startswith((".", "~", "/"))
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return False
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # invalid id etc.
+        return False
+    return isinstance(hit, str)
+
+
+# ---------------------------------------------------------------------------- GGUF cache
+
+
+def cache_root() -> Path:
+    env = os.environ.get("STEER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("steer-tui"))
+
+
+def gguf_architecture(path: str | os.PathLike[str]) -> str:
+    """``general.architecture`` of a GGUF file (e.g. ``"llama"``)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    field = reader.fields["general.architecture"]
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Exclusive inter-process lock (several DDP ranks may convert the same GGUF)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def converted_dir(source: ModelSource) -> Path:
+    assert source.kind == "gguf" and source.sha256
+    return cache_root() / "models" / source.sha256
+
+
+def convert_gguf(source: ModelSource) -> Path:
+    """Dequantize ``source`` once into a cached safetensors model+tokenizer directory; return it.
+
+    Concurrent callers (DDP ranks) serialize on a lock; the directory appears atomically
+    (written under a temp name, then renamed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = converted_dir(source)
+    if (target / SOURCE_FILE).is_file():
+        return target
+    with _file_lock(target.parent / f"{source.sha256}.lock"):
+        if (target / SOURCE_FILE).is_file():
+            return target
+        gguf = Path(source.path)
+        log.info("converting %s to a cached safetensors model in %s (once)", gguf, target)
+        try:
+            from transformers import GgufConfig
+
+            extra: dict[str, Any] = {"quantization_config": GgufConfig(dequantize=True)}
+        except ImportError:  # older transformers dequantize unconditionally
+            extra = {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **extra
+            )
+        except Exception as exc:
+            raise ModelError(f"cannot load GGUF {str(gguf)!r} with transformers: {exc}") from exc
+        _drop_quantizer(model)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{source.sha256}.", dir=target.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            meta = {
+                "gguf_path": str(gguf),
+                "gguf_sha256": source.sha256,
+                "architecture": gguf_architecture(gguf),
+            }
+            (tmp / SOURCE_FILE).write_text(json.dumps(meta, indent=2))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+
+def _drop_quantizer(model) -> None:
+    """Remove the GGUF quantizer marker from a dequantized model (weights are plain tensors)."""
+    import torch
+
+    for name, mod in model.named_modules():
+        if type(mod).__name__.lower().startswith("gguf"):
+            raise ModelError(f"GGUF module {name} kept packed weights; cannot train it")
+    for name, p in model.named_parameters():
+        if not p.is_floating_point() and p.dtype != torch.bool:
+            raise ModelError(f"parameter {name} is not floating point after GGUF load ({p.dtype})")
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        with contextlib.suppress(AttributeError):
+            delattr(model.config, "quantization_config")
+
+
+def source_metadata(model_dir: str | os.PathLike[str]) -> dict:
+    """The ``steer_source.json`` of a converted directory, or {}."""
+    f = Path(model_dir) / SOURCE_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_model(
+    source: ModelSource,
+    *,
+    dtype=None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any, Path | str]:
+    """Load ``(model, tokenizer, model_dir_or_id)`` for training.
+
+    GGUF sources are converted once and loaded from the cache. Never downloads."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source.kind == "gguf":
+        where: Path | str = convert_gguf(source)
+    else:
+        where = source.path
+    kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(where), **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(where), dtype=dtype or torch.float32, use_safetensors=True, **kw
+        )
+    except Exception as exc:
+        hint = " (pass --trust-remote-code if you trust this model's code)" if "trust_remote_code" in str(exc) else ""
+        raise ModelError(f"cannot load model {source.path!r}: {exc}{hint}") from exc
+    return model, tokenizer, where
+
+
+# ---------------------------------------------------------------------------- LoRA targets
+
+ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value", "c_attn", "out_proj", "dense")
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "c_proj", "w1", "w2", "w3")
+
+
+def lora_target_modules(model, *, mlp: bool = True) -> list[str]:
+    """Leaf names of the Linear layers inside the transformer blocks to put LoRA on.
+
+    Found from the architecture: every ``nn.Linear`` whose qualified name contains a
+    numbered block (``.layers.3.``/``.h.3.``) — attention projections, plus MLP projections
+    when ``mlp`` — never the embeddings or ``lm_head``."""
+    import re
+
+    import torch.nn as nn
+
+    in_block = re.compile(r"\.(\d+)\.")
+    attn, other = set(), set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or not in_block.search(name):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        path = name.lower()
+        if "attn" in path or "attention" in path or leaf in ATTN_NAMES[:5]:
+            attn.add(leaf)
+        else:
+            other.add(leaf)
+    if not attn and not other:
+        raise ModelError(f"found no Linear layers inside transformer blocks of {type(model).__name__}")
+    return sorted(attn | (other if mlp else set()))
+
+
+# ---------------------------------------------------------------------------- vocabulary
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode (byte-level BPE piece chars -> bytes)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_pieces(tokenizer) -> list[bytes]:
+    """Byte string of every token id in id order, as llama.cpp renders pieces (special tokens as
+    their text; byte-level BPE chars mapped back to bytes; sentencepiece ``▁`` as space and
+    ``<0xNN>`` as that byte)."""
+    dec = _byte_decoder()
+    vocab_size = len(tokenizer)
+    pieces: list[bytes] = []
+    toks = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    added = set(getattr(tokenizer, "get_added_vocab", dict)().keys())
+    for tok in toks:
+        if tok is None:
+            pieces.append(b"")
+        elif tok in special or tok in added:
+            pieces.append(tok.encode("utf-8"))
+        elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+            pieces.append(bytes([int(tok[3:5], 16)]))
+        elif all(ch in dec for ch in tok):
+            pieces.append(bytes(dec[ch] for ch in tok))
+        else:
+            pieces.append(tok.replace("▁", " ").encode("utf-8"))
+    return pieces
+
+
+def vocab_sha256_from_pieces(pieces: Sequence[bytes]) -> str:
+    """sha256 over the token byte strings in id order, each length-prefixed (4 bytes LE) so
+    that concatenations cannot collide."""
+    h = hashlib.sha256()
+    for p in pieces:
+        h.update(len(p).to_bytes(4, "little"))
+        h.update(p)
+    return h.hexdigest()
