@@ -1,0 +1,716 @@
+"""The steering screen: owns one headless ``Session`` and is a view over it.
+
+Generation runs in a thread worker (``_stream``) that calls ``session.generate`` with a
+``threading.Event`` for pause and posts batched ``Streamed`` messages (at most one every
+~30 ms), so keystrokes stay responsive however fast the model is. The screen mutates the
+session only while no generation runs: a steering key pressed while streaming first pauses
+(waits for the worker to stop), then acts.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Static
+from textual.worker import Worker, WorkerState
+
+from steer_tui.ui.keys import SESSION_KEYS, bindings
+from steer_tui.ui.render import one_line
+from steer_tui.ui.screens.alternatives import Alternative, AlternativesScreen
+from steer_tui.ui.screens.stats import StatsScreen
+from steer_tui.ui.screens.tree import TreeScreen
+from steer_tui.ui.widgets.status import CursorInfo, StatusBar
+from steer_tui.ui.widgets.token_view import Piece, TokenView
+
+BATCH_SECONDS = 0.03  # coalesce streamed tokens: at most ~33 screen updates per second
+GHOST_CHARS = 120  # rejected text shown (struck through) before a correction, at most
+NEWLINE_MARK = "\u21b5"  # typed with ctrl+j in the correction editor, saved as "\n"
+
+
+@dataclass
+class StreamedToken:
+    text: str
+    logprob: float | None
+
+
+class CorrectionInput(Input):
+    """The correction editor. enter submits, escape cancels, ctrl+j inserts a newline."""
+
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel", show=True, id="correction.cancel"),
+        Binding("ctrl+j", "newline", "Newline", show=True, key_display="^j", id="correction.newline"),
+    ]
+
+    class Cancelled(Message):
+        pass
+
+    def action_cancel(self) -> None:
+        self.post_message(self.Cancelled())
+
+    def action_newline(self) -> None:
+        self.insert_text_at_cursor(NEWLINE_MARK)
+
+
+def pieces_of(session: Any) -> list[Piece]:
+    """The current path as pieces, with the rejected text of each steer struck through
+    just before the correction that replaced it."""
+    tree = session.tree
+    pieces: list[Piece] = []
+    last_node = None
+    for info in session.tokens_view():
+        if info.node_id != last_node:
+            last_node = info.node_id
+            node = tree.node(info.node_id)
+            if node.replaces and info.offset == 0:
+                ghost = rejected_text(tree, node.replaces)
+                if len(ghost) > GHOST_CHARS:
+                    ghost = ghost[: GHOST_CHARS - 1] + "…"
+                pieces.append(Piece(ghost, "rejected"))
+        pieces.append(Piece(info.text, "human" if info.author == "human" else "model", info.logprob))
+    return pieces
+
+
+def rejected_text(tree: Any, node_id: str) -> str:
+    """The replaced node's text as the model wrote it (following later splits)."""
+    text = tree.node(node_id).text
+    cur = node_id
+    while True:
+        nxt = next((c for c in tree.children(cur) if c.extra.get("split_from") == cur), None)
+        if nxt is None:
+            return text
+        text += nxt.text
+        cur = nxt.id
+
+
+class SessionScreen(Screen[None]):
+    """One task: the token view, the correction editor, the cursor info and status bars."""
+
+    BINDINGS = bindings(SESSION_KEYS)
+
+    class Streamed(Message):
+        """A batch of tokens from the generation worker."""
+
+        def __init__(self, gen: int, tokens: list[StreamedToken]) -> None:
+            super().__init__()
+            self.gen = gen
+            self.tokens = tokens
+
+    class StreamEnded(Message):
+        """The generation worker stopped: ``end`` is eos|length|context|paused, or error."""
+
+        def __init__(self, gen: int, end: str | None, error: BaseException | None = None) -> None:
+            super().__init__()
+            self.gen = gen
+            self.end = end
+            self.error = error
+
+    class Loaded(Message):
+        def __init__(self, session: Any | None, error: BaseException | None) -> None:
+            super().__init__()
+            self.session = session
+            self.error = error
+
+    def __init__(self, loader: Callable[[], Any], *, task_label: str = "", autostart: bool = True) -> None:
+        super().__init__()
+        self._loader = loader
+        self.session: Any | None = None
+        self.task_label = task_label
+        self.autostart = autostart
+        self._stop = threading.Event()
+        self._gen = 0
+        self._worker: Worker | None = None
+        self._stream_t0 = 0.0
+        self._stream_n = 0
+        self._edit_at: int | None = None
+        self._save_failed = False
+        self.closed = False
+
+    # ------------------------------------------------------------------ layout
+    def compose(self) -> ComposeResult:
+        yield Static("", id="prompt-line")
+        yield TokenView(id="tokens")
+        with Horizontal(id="correction-bar"):
+            yield Static("", id="correction-label")
+            yield CorrectionInput(placeholder="type the correction, enter submits, esc cancels", id="correction")
+        yield CursorInfo(id="cursor-info")
+        yield StatusBar(id="status")
+        yield Footer()
+
+    @property
+    def view(self) -> TokenView:
+        return self.query_one(TokenView)
+
+    @property
+    def status(self) -> StatusBar:
+        return self.query_one(StatusBar)
+
+    def on_mount(self) -> None:
+        self.view.prob_colors = getattr(self.app, "config", None) is not None and self.app.config.prob_colors
+        self.status.state = "loading"
+        self.status.task = self.task_label
+        self.view.focus()
+        self._load()
+
+    @work(thread=True, exclusive=True, group="load")
+    def _load(self) -> None:
+        try:
+            session = self._loader()
+        except Exception as exc:  # shown as a notification, the app stays usable
+            self.post_message(self.Loaded(None, exc))
+            return
+        self.post_message(self.Loaded(session, None))
+
+    def on_session_screen_loaded(self, event: Loaded) -> None:
+        if event.error is not None:
+            self.status.state = "error"
+            self.query_one("#prompt-line", Static).update(Text(one_line(str(event.error)), style="bold red"))
+            self.notify(str(event.error), title="Could not open the task", severity="error", timeout=10)
+            return
+        self.session = event.session
+        if self.closed:  # the user left before it loaded
+            self._close_session()
+            return
+        self._refresh_all()
+        engine = self.session.engine
+        name = getattr(engine, "name", "model")
+        adapter = getattr(engine, "adapter", None)
+        if adapter:
+            name += " + " + str(adapter.get("path", "adapter")).rsplit("/", 1)[-1]
+        self.status.model = name
+        self.status.ctx_limit = int(getattr(engine, "n_ctx", 0) or 0)
+        self.status.save_state = "saved"
+        ended = self._last_end()
+        if self.autostart and ended not in ("eos", "context", "length") and not getattr(self.session, "read_only", False):
+            self.start_generation()
+        else:
+            self._set_paused_state()
+
+    # ------------------------------------------------------------------ state helpers
+    @property
+    def generating(self) -> bool:
+        return self._worker is not None and self._worker.state in (WorkerState.PENDING, WorkerState.RUNNING)
+
+    def _last_end(self) -> str | None:
+        s = self.session
+        end = getattr(s, "last_end", None)
+        if end is None:
+            path = s.tree.path(self._current_node_id()) if self._current_node_id() else []
+            for node in reversed(path):
+                if node.is_model:
+                    return node.end if node.end != "cut" else None
+                return None
+        return end
+
+    def _current_node_id(self) -> str | None:
+        s = self.session
+        for attr in ("node_id", "current_id", "leaf_id"):
+            v = getattr(s, attr, None)
+            if v is not None and not callable(v):
+                return v
+        view = s.tokens_view()
+        return view[-1].node_id if view else None
+
+    def _refresh_all(self, cursor: int | None = None) -> None:
+        s = self.session
+        self.view.set_pieces(pieces_of(s), cursor=cursor)
+        prompt = s.tree.prompt
+        msgs = prompt.get("messages") or []
+        text = next((m["content"] for m in reversed(msgs) if m.get("role") == "user"), None) or prompt.get("text", "")
+        line = Text(no_wrap=True, overflow="ellipsis")
+        line.append(" " + one_line(s.tree.title or s.tree.id, 40) + " ", style="bold reverse")
+        line.append(" ")
+        line.append(one_line(text, 300))
+        self.query_one("#prompt-line", Static).update(line)
+        self._update_status()
+        self._update_cursor_info()
+
+    def _update_status(self) -> None:
+        s = self.session
+        if s is None:
+            return
+        st = self.status
+        st.ctx_used = len(s.tree.prompt_tokens) + self.view.n_tokens
+        st.steers = len(s.tree.steers())
+
+    def _set_paused_state(self) -> None:
+        end = self._last_end()
+        self.status.state = {"eos": "ended (eos)", "length": "paused (max tokens)", "context": "context full"}.get(end or "", "paused")
+        self.view.show_cursor = True
+        self._update_cursor_info()
+
+    def _update_cursor_info(self) -> None:
+        info = self.query_one(CursorInfo)
+        s = self.session
+        if s is None:
+            info.info = ""
+            return
+        view = self.view
+        i = view.cursor
+        t = Text()
+        if self.generating:
+            t.append("streaming… space pauses", style="italic")
+        elif i >= view.n_tokens:
+            t.append(f" end of response ({view.n_tokens} tokens)", style="bold")
+            t.append("  enter: append text  tab: choose next token  space: continue")
+        else:
+            tok = self._token_info(i)
+            t.append(f" #{i} ", style="bold")
+            t.append("“")
+            t.append(one_line(tok.text, 30), style="reverse")
+            t.append("”")
+            if tok.logprob is not None:
+                p = math.exp(tok.logprob)
+                t.append(f"  p={p:.1%}")
+                rank = None
+                if tok.top:
+                    for r, (tid, _lp) in enumerate(tok.top, start=1):
+                        if int(tid) == tok.id:
+                            rank = r
+                            break
+                    t.append(f"  rank {rank if rank is not None else '>' + str(len(tok.top))}")
+            t.append(f"  {tok.author}/{tok.kind} {tok.node_id}", style="dim")
+        info.info = t
+
+    def _token_info(self, index: int) -> Any:
+        view = getattr(self, "_tv_cache", None)
+        if view is None or self._tv_cache_key != self.view.n_tokens:
+            self._tv_cache = view = self.session.tokens_view()
+            self._tv_cache_key = self.view.n_tokens
+        return view[index]
+
+    def _invalidate(self) -> None:
+        self._tv_cache = None
+
+    def on_token_view_cursor_moved(self, event: TokenView.CursorMoved) -> None:
+        if not self.generating:
+            self._update_cursor_info()
+
+    # ------------------------------------------------------------------ saving
+    def _save(self) -> bool:
+        try:
+            self.session.save()
+        except Exception as exc:  # SaveError: the data stays in memory; retried
+            self._save_failed = True
+            self.status.save_state = f"save failed: {exc}"
+            self.notify(f"{exc}\nYour work is kept in memory; saving is retried.", title="Save failed", severity="error", timeout=8)
+            self.set_timer(5.0, self._retry_save)
+            return False
+        self._save_failed = False
+        self.status.save_state = "saved"
+        return True
+
+    def _retry_save(self) -> None:
+        if self._save_failed and self.session is not None and not self.generating:
+            if self._save():
+                self.notify("Saved after retrying.", title="Saved")
+
+    def _after_change(self, cursor: int | None = None) -> None:
+        self._invalidate()
+        self._save()
+        self._refresh_all(cursor)
+
+    # ------------------------------------------------------------------ generation
+    def start_generation(self) -> None:
+        if self.session is None or self.generating:
+            return
+        if getattr(self.session, "read_only", False):
+            self.notify("This task is open read-only.", severity="warning")
+            return
+        self._gen += 1
+        self._stop = threading.Event()
+        self._stream_t0 = time.perf_counter()
+        self._stream_n = 0
+        self.view.show_cursor = False
+        self.view.cursor = self.view.n_tokens
+        self.status.state = "streaming"
+        self._invalidate()
+        self._update_cursor_info()
+        self._worker = self._stream(self._gen, self._stop)
+
+    @work(thread=True, exclusive=True, group="generate")
+    def _stream(self, gen: int, stop: threading.Event) -> None:
+        session = self.session
+        batch: list[StreamedToken] = []
+        last = time.perf_counter()
+        post = self.post_message
+        try:
+            for tok in session.generate(stop=stop):
+                batch.append(StreamedToken(tok.text, tok.logprob))
+                now = time.perf_counter()
+                if now - last >= BATCH_SECONDS:
+                    post(self.Streamed(gen, batch))
+                    batch = []
+                    last = now
+            if batch:
+                post(self.Streamed(gen, batch))
+            post(self.StreamEnded(gen, getattr(session, "last_end", None)))
+        except Exception as exc:
+            if batch:
+                post(self.Streamed(gen, batch))
+            post(self.StreamEnded(gen, getattr(session, "last_end", None), exc))
+
+    def on_session_screen_streamed(self, event: Streamed) -> None:
+        view = self.view
+        at_end = view.scroll_offset.y >= view.max_scroll_y - 1
+        view.append([Piece(t.text, "model", t.logprob) for t in event.tokens])
+        view.set_reactive(TokenView.cursor, view.n_tokens)
+        if at_end:
+            view.scroll_to_end()
+        self._stream_n += len(event.tokens)
+        dt = time.perf_counter() - self._stream_t0
+        if dt > 0:
+            self.status.tokens_per_s = self._stream_n / dt
+        self.status.ctx_used = len(self.session.tree.prompt_tokens) + view.n_tokens
+
+    def on_session_screen_stream_ended(self, event: StreamEnded) -> None:
+        self._worker = None
+        self._invalidate()
+        if event.error is not None:
+            self._report_error(event.error, "Generation stopped")
+        # the session is the truth: redraw from it (also repairs anything a batch missed)
+        self._refresh_all(self.view.n_tokens)
+        self._save()
+        self._set_paused_state()
+        end = self._last_end()
+        if end == "context":
+            self.notify("The context window is full: roll back, or accept the path.", title="Context full", severity="warning")
+
+    def _report_error(self, exc: BaseException, title: str) -> None:
+        name = type(exc).__name__
+        if "Save" in name:
+            self._save_failed = True
+            self.status.save_state = f"save failed: {exc}"
+            self.set_timer(5.0, self._retry_save)
+            self.notify(f"{exc}\nYour work is kept in memory; saving is retried.", title="Save failed", severity="error", timeout=8)
+        else:
+            self.notify(str(exc), title=title, severity="error", timeout=10)
+
+    async def pause(self) -> None:
+        """Stop streaming and wait until the worker has ended (the session is idle after)."""
+        worker = self._worker
+        if worker is None:
+            return
+        self._stop.set()
+        try:
+            await worker.wait()
+        except Exception:
+            pass
+        # the StreamEnded message may still be queued; process its effects now
+        if self._worker is worker:
+            self._worker = None
+            self._invalidate()
+            self._refresh_all(self.view.n_tokens)
+            self._set_paused_state()
+
+    async def _idle(self) -> bool:
+        """Pause if streaming; False if there is no session to act on."""
+        if self.session is None:
+            return False
+        if self.generating:
+            await self.pause()
+        if self._edit_at is not None:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ actions
+    async def action_toggle_pause(self) -> None:
+        if self.session is None:
+            return
+        if self.generating:
+            await self.pause()
+            return
+        if self._last_end() == "eos":
+            self.notify("The model ended this response (eos). r resamples, enter corrects, d accepts.", title="Ended")
+            return
+        if self._last_end() == "context":
+            self.notify("The context window is full.", severity="warning")
+            return
+        self.start_generation()
+
+    async def action_correct(self, index: int | None = None) -> None:
+        if not await self._idle():
+            return
+        if getattr(self.session, "read_only", False):
+            self.notify("This task is open read-only.", severity="warning")
+            return
+        at = self.view.cursor if index is None else index
+        self._edit_at = at
+        self.view.set_pending(at, "")
+        self.view.cursor = at
+        bar = self.query_one("#correction-bar")
+        bar.display = True
+        label = "append" if at >= self.view.n_tokens else f"replace from #{at}"
+        self.query_one("#correction-label", Static).update(Text(f" {label} › ", style="bold"))
+        inp = self.query_one(CorrectionInput)
+        inp.value = ""
+        inp.focus()
+        self.status.state = "editing"
+
+    async def on_token_view_correct_requested(self, event: TokenView.CorrectRequested) -> None:
+        await self.action_correct(event.index)
+
+    @on(Input.Changed, "#correction")
+    def _correction_changed(self, event: Input.Changed) -> None:
+        if self._edit_at is not None:
+            self.view.set_pending(self._edit_at, event.value.replace(NEWLINE_MARK, "\n"))
+
+    @on(CorrectionInput.Cancelled)
+    def _correction_cancelled(self) -> None:
+        self._close_editor()
+        self._set_paused_state()
+
+    def _close_editor(self) -> None:
+        self._edit_at = None
+        self.view.set_pending(None)
+        self.query_one("#correction-bar").display = False
+        self.view.focus()
+
+    @on(Input.Submitted, "#correction")
+    def _correction_submitted(self, event: Input.Submitted) -> None:
+        at = self._edit_at
+        text = event.value.replace(NEWLINE_MARK, "\n")
+        if at is None:
+            return
+        if not text.strip():
+            self.notify("A correction needs some text (escape cancels).", severity="warning")
+            return
+        s = self.session
+        self._close_editor()
+        try:
+            if at < self.view.n_tokens:
+                s.rollback(at)
+            s.correct(text)
+        except Exception as exc:
+            self._invalidate()
+            self._refresh_all(at)
+            self._report_error(exc, "Correction failed")
+            self._set_paused_state()
+            return
+        self._after_change()
+        self.start_generation()
+
+    async def action_alternatives(self) -> None:
+        if not await self._idle():
+            return
+        s = self.session
+        at = self.view.cursor
+        k = getattr(getattr(self.app, "config", None), "top_k", 10)
+        if at < self.view.n_tokens:
+            info = self._token_info(at)
+            top = info.top or []
+            current = info.id
+        else:
+            ctx = list(s.tree.prompt_tokens) + list(s.response_tokens)
+            try:
+                top = s.engine.top(ctx, k)
+            except Exception as exc:
+                self._report_error(exc, "No alternatives")
+                return
+            current = None
+        if not top:
+            self.notify("No alternatives were recorded for this token.", severity="warning")
+            return
+        alts = [
+            Alternative(int(tid), self._decode(int(tid)), float(lp), current=int(tid) == current)
+            for tid, lp in list(top)[:k]
+        ]
+        where = f"at #{at}" if at < self.view.n_tokens else "after the end"
+        choice = await self.app.push_screen_wait(AlternativesScreen(alts, f"Alternatives {where} — enter picks (a pick steer), esc cancels"))
+        if choice is None:
+            return
+        if choice == current:
+            self.notify("That is the token already there.")
+            return
+        try:
+            if at < self.view.n_tokens:
+                s.rollback(at)
+            s.pick(choice)
+        except Exception as exc:
+            self._invalidate()
+            self._refresh_all(at)
+            self._report_error(exc, "Pick failed")
+            return
+        self._after_change()
+        self.start_generation()
+
+    def _decode(self, token_id: int) -> str:
+        engine = self.session.engine
+        try:
+            return engine.token_bytes(token_id).decode("utf-8", errors="replace")
+        except Exception:
+            return f"<{token_id}>"
+
+    async def action_resample(self) -> None:
+        if not await self._idle():
+            return
+        s = self.session
+        at = self.view.cursor
+        try:
+            if at < self.view.n_tokens:
+                s.rollback(at)
+            s.resample()
+        except Exception as exc:
+            self._report_error(exc, "Resample failed")
+            return
+        self._after_change()
+        self.start_generation()
+
+    async def action_branch(self, step: int) -> None:
+        if not await self._idle():
+            return
+        s = self.session
+        at = self.view.cursor
+        view = s.tokens_view()
+        if not view:
+            return
+        node_id = view[min(at, len(view) - 1)].node_id
+        # the nearest branch point above the cursor: walk up until a node has siblings
+        tree = s.tree
+        for node in reversed(tree.path(node_id)):
+            sibs = [c for c in tree.children(node.parent) if not tree.is_discarded(c.id)]
+            if len(sibs) > 1:
+                i = next(j for j, c in enumerate(sibs) if c.id == node.id)
+                target = sibs[(i + step) % len(sibs)]
+                break
+        else:
+            self.notify("No other branch above the cursor.")
+            return
+        try:
+            s.switch_branch(target.id)
+        except Exception as exc:
+            self._report_error(exc, "Switch failed")
+            return
+        self._invalidate()
+        self._save()
+        n_before = len(tree.path_tokens(target.parent))
+        self._refresh_all(n_before)
+        self._set_paused_state()
+        self.notify(f"branch {sibs.index(target) + 1}/{len(sibs)} at #{n_before}", timeout=2)
+
+    async def action_undo(self) -> None:
+        if not await self._idle():
+            return
+        try:
+            done = self.session.undo()
+        except Exception as exc:
+            self._report_error(exc, "Undo")
+            return
+        if done is False or done is None and False:
+            self.notify("Nothing to undo.")
+            return
+        self._after_change()
+        self._set_paused_state()
+
+    async def action_redo(self) -> None:
+        if not await self._idle():
+            return
+        try:
+            done = self.session.redo()
+        except Exception as exc:
+            self._report_error(exc, "Redo")
+            return
+        if done is False:
+            self.notify("Nothing to redo.")
+            return
+        self._after_change()
+        self._set_paused_state()
+
+    async def action_accept(self) -> None:
+        if not await self._idle():
+            return
+        try:
+            self.session.accept()
+        except Exception as exc:
+            self._report_error(exc, "Accept")
+            return
+        self._after_change(self.view.cursor)
+        self._set_paused_state()
+        self.notify("Path marked done (accepted).", title="Accepted", timeout=3)
+
+    def action_prob_colors(self) -> None:
+        self.view.prob_colors = not self.view.prob_colors
+
+    async def action_tree(self) -> None:
+        if not await self._idle():
+            return
+        target = await self.app.push_screen_wait(TreeScreen(self.session.tree, self._current_node_id()))
+        if target:
+            await self._goto(target)
+
+    async def action_stats(self) -> None:
+        if not await self._idle():
+            return
+        target = await self.app.push_screen_wait(StatsScreen(self.session.tree))
+        if target:
+            await self._goto(target)
+
+    async def _goto(self, node_id: str) -> None:
+        try:
+            self.session.goto(node_id)
+        except Exception as exc:
+            self._report_error(exc, "Jump failed")
+            return
+        self._invalidate()
+        self._save()
+        tree = self.session.tree
+        self._refresh_all(len(tree.path_tokens(tree.node(node_id).parent)))
+        self._set_paused_state()
+
+    async def action_save(self) -> None:
+        if not await self._idle():
+            return
+        if self._save():
+            self.notify("Saved.", timeout=2)
+
+    async def action_toggle_adapter(self) -> None:
+        if not await self._idle():
+            return
+        engine = self.session.engine
+        toggle = getattr(engine, "set_adapter_enabled", None)
+        if toggle is None or not getattr(engine, "adapter", None):
+            self.notify("No adapter loaded (start with --adapter LORA.gguf).", severity="warning")
+            return
+        enabled = not getattr(engine, "adapter_enabled", True)
+        try:
+            toggle(enabled)
+        except Exception as exc:
+            self._report_error(exc, "Adapter")
+            return
+        self.notify(f"Adapter {'on' if enabled else 'off'} for the next continuation.")
+        name = self.status.model.split(" + ")[0]
+        self.status.model = name + (" + " + str(engine.adapter.get("path", "")).rsplit("/", 1)[-1] if enabled else " (adapter off)")
+
+    def action_task(self, step: int) -> None:
+        self.app.run_action(f"switch_task({step})")
+
+    def action_tasks(self) -> None:
+        self.app.run_action("open_tasks")
+
+    # ------------------------------------------------------------------ shutdown
+    async def shutdown(self) -> None:
+        """Stop generating, save, release the task lock."""
+        self.closed = True
+        await self.pause()
+        if self.session is not None:
+            self._save()
+            self._close_session()
+
+    def _close_session(self) -> None:
+        s, self.session = self.session, None
+        if s is not None:
+            try:
+                s.close()
+            except Exception:
+                pass
