@@ -88,19 +88,22 @@ def dpo_rows(tree: SteerTree, detok: Detok | None, rejected_tokens: int | None =
 
 
 def _training_paths(tree: SteerTree) -> Iterator[tuple[str, bool]]:
-    """(leaf id, accepted) for non-discarded leaves whose path holds a human span or that
-    were accepted; rejected branches (replaced by a human sibling) are left out."""
-    replaced = {n.replaces for n in tree.nodes if n.replaces}
+    """(end node id, accepted) for each root-to-leaf path, and each accepted path, that is
+    not discarded, holds a human span or was accepted, and does not run through a branch a
+    (live) human node replaced."""
+    replaced = {n.replaces for n in tree.nodes if n.replaces and not tree.is_discarded(n.id)}
     accepted = set(tree.accepted)
-    for leaf in tree.leaves():
-        if tree.is_discarded(leaf.id):
+    ends = [n.id for n in tree.leaves()]
+    ends += [a for a in tree.accepted if a not in set(ends)]
+    for end in ends:
+        if tree.is_discarded(end):
             continue
-        path = tree.path(leaf.id)
+        path = tree.path(end)
         if any(n.id in replaced for n in path):
             continue
-        ok = leaf.id in accepted
+        ok = end in accepted
         if ok or any(n.is_human for n in path):
-            yield leaf.id, ok
+            yield end, ok
 
 
 def sft_rows(tree: SteerTree) -> Iterator[dict[str, Any]]:

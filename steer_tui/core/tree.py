@@ -328,7 +328,9 @@ class SteerTree:
         self.nodes.insert(self.nodes.index(node) + 1, tail)
         self._by_id[tail.id] = tail
         self._children[node.id] = [tail]
-        # a human node that replaced one of the moved children stays valid: the pair moved together
+        # a human node that replaced one of the moved children stays valid: the pair moved
+        # together. "accepted" means the whole path to the node's end, which is now the tail.
+        self.accepted = [tail.id if a == node.id else a for a in self.accepted]
         self.touch()
         return tail
 

@@ -1,0 +1,134 @@
+"""steer-tui list / show / export and the task-queue parser."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from steer_tui.cli import main
+from steer_tui.core.store import Store
+from steer_tui.core.tasks import TaskQueueError, load_task_queue
+from tests.core.test_tree import human_node, make_tree, model_node
+
+
+def store_with_steers(root, model_path=None):
+    s = Store(root)
+    t = make_tree()
+    t.title = "fruit [bold]list[/bold] \x1b]8;;http://x\x07"
+    if model_path is not None:
+        t.model["path"] = str(model_path)
+    a = model_node(t, None, [10, 11, 12, 13, 14])
+    tail = t.split(a.id, 2, "kl", "mno")
+    h = human_node(t, a.id, [30, 31], replaces=tail.id)
+    b = model_node(t, h.id, [40, 41], end="eos")
+    t.accepted.append(b.id)
+    # a discarded steer contributes nothing
+    tail2 = t.split(b.id, 1, "o", "p")
+    d = human_node(t, b.id, [50], replaces=tail2.id)
+    t.discarded.append(d.id)
+    s.save(t)
+    return s, t
+
+
+def test_list_and_show(tmp_path, capsys):
+    store_with_steers(tmp_path)
+    assert main(["list", "--store", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "t1" in out and "\x1b" not in out and "\\x1b" in out
+    assert main(["show", "t1", "--store", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "STEER" in out and "replaces n2" in out and "rejected by n3" in out
+    assert "DISCARDED" in out and "ACCEPTED" in out
+    assert "\x1b" not in out and "\x07" not in out
+
+
+def test_show_missing_task_is_one_clear_line(tmp_path, capsys):
+    assert main(["show", "nope", "--store", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("steer-tui: ") and "nope.json" in err and "Traceback" not in err
+
+
+def test_show_bad_task_id(tmp_path, capsys):
+    assert main(["show", "../../etc/passwd", "--store", str(tmp_path)]) == 2
+    assert "not valid" in capsys.readouterr().err
+
+
+def test_export_formats_load_with_datasets(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    store_with_steers(tmp_path / "store")
+    rows = {}
+    for fmt in ("dpo", "sft", "kto", "trees"):
+        out = tmp_path / f"{fmt}.jsonl"
+        assert main(["export", "--format", fmt, "--out", str(out), "--store", str(tmp_path / "store")]) == 0
+        rows[fmt] = [json.loads(x) for x in out.read_text().splitlines()]
+        ds = datasets.load_dataset("json", data_files=str(out), split="train")
+        assert len(ds) == len(rows[fmt])
+    (dpo,) = rows["dpo"]  # the discarded steer is not exported
+    assert dpo["prompt_token_ids"] == [1, 5, 10, 11]
+    assert dpo["chosen_token_ids"] == [30, 31]
+    assert dpo["rejected_token_ids"] == [12, 13]  # K = chosen length
+    assert dpo["prompt"] == "hi" + "kl"
+    assert {"prompt", "chosen", "rejected"} <= dpo.keys()
+    (sft,) = rows["sft"]
+    assert sft["completion_token_ids"] == [10, 11, 30, 31, 40, 41]
+    assert sft["completion_weights"] == [0, 0, 1, 1, 0, 0]
+    assert sft["accepted"] is True
+    labels = sorted(r["label"] for r in rows["kto"])
+    assert labels == [False, True, True]
+    assert rows["trees"][0]["format"] == "steer-tree"
+
+
+def test_export_rejected_text_uses_model_vocab(tmp_path, model_path):
+    from steer_tui.core.export import dpo_rows, llama_detokenizer
+
+    detok = llama_detokenizer(model_path)
+    _, t = store_with_steers(tmp_path, model_path)
+    (row,) = list(dpo_rows(t, detok))
+    assert row["rejected"] == detok([12, 13]).decode()
+
+
+def test_task_queue_reports_bad_lines_and_keeps_the_rest(tmp_path):
+    p = tmp_path / "q.jsonl"
+    p.write_text(
+        "\n".join(
+            [
+                json.dumps({"prompt": "one"}),
+                "{broken",
+                json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "two"}], "id": "b"}),
+                json.dumps({"prompt": ""}),
+                json.dumps({"prompt": "x", "messages": []}),
+                json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),
+                "# a comment",
+                "",
+                json.dumps(["not", "an", "object"]),
+                json.dumps({"prompt": "three", "title": "Third"}),
+            ]
+        )
+    )
+    tasks, errors = load_task_queue(p)
+    assert [t.display_title for t in tasks] == ["one", "two", "Third"]
+    assert [t.line for t in tasks] == [1, 3, 10]
+    assert [e.split(": ")[0] for e in errors] == [f"{p}:{n}" for n in (2, 4, 5, 6, 9)]
+
+
+def test_task_queue_with_nothing_usable(tmp_path):
+    p = tmp_path / "q.jsonl"
+    p.write_text("nope\n")
+    with pytest.raises(TaskQueueError, match="no usable task"):
+        load_task_queue(p)
+    with pytest.raises(TaskQueueError, match="no such file"):
+        load_task_queue(tmp_path / "missing.jsonl")
+
+
+def test_console_script_runs_without_torch(tmp_path):
+    """The app's import path must never pull torch/transformers/peft or (in core) textual."""
+    code = (
+        "import sys, steer_tui.cli, steer_tui.core.tree, steer_tui.core.store, steer_tui.core.export;"
+        "bad=[m for m in ('torch','transformers','peft','textual') if m in sys.modules];"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
