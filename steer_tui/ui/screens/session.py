@@ -74,9 +74,8 @@ def pieces_of(session: Any) -> list[Piece]:
             last_node = info.node_id
             node = tree.node(info.node_id)
             if node.replaces and info.offset == 0:
-                ghost = rejected_text(tree, node.replaces)
-                if len(ghost) > GHOST_CHARS:
-                    ghost = ghost[: GHOST_CHARS - 1] + "…"
+                # one line, cut short: enough to see what was replaced without pushing text away
+                ghost = one_line(rejected_text(tree, node.replaces), GHOST_CHARS)
                 pieces.append(Piece(ghost, "rejected"))
         pieces.append(Piece(info.text, "human" if info.author == "human" else "model", info.logprob))
     return pieces
@@ -203,24 +202,18 @@ class SessionScreen(Screen[None]):
         return self._worker is not None and self._worker.state in (WorkerState.PENDING, WorkerState.RUNNING)
 
     def _last_end(self) -> str | None:
+        """Why the current path's model output stopped (None: it can continue)."""
         s = self.session
-        end = getattr(s, "last_end", None)
+        if s.cut is not None:
+            return None
+        end = s.end
         if end is None:
-            path = s.tree.path(self._current_node_id()) if self._current_node_id() else []
-            for node in reversed(path):
-                if node.is_model:
-                    return node.end if node.end != "cut" else None
-                return None
-        return end
+            return None
+        node = s.tree.node(end)
+        return node.end if node.is_model and node.end != "cut" else None
 
     def _current_node_id(self) -> str | None:
-        s = self.session
-        for attr in ("node_id", "current_id", "leaf_id"):
-            v = getattr(s, attr, None)
-            if v is not None and not callable(v):
-                return v
-        view = s.tokens_view()
-        return view[-1].node_id if view else None
+        return self.session.end
 
     def _refresh_all(self, cursor: int | None = None) -> None:
         s = self.session
@@ -445,7 +438,7 @@ class SessionScreen(Screen[None]):
         if getattr(self.session, "read_only", False):
             self.notify("This task is open read-only.", severity="warning")
             return
-        at = self.view.cursor if index is None else index
+        at = self._steer_point(self.view.cursor if index is None else index)
         self._edit_at = at
         self.view.set_pending(at, "")
         self.view.cursor = at
@@ -457,6 +450,14 @@ class SessionScreen(Screen[None]):
         inp.value = ""
         inp.focus()
         self.status.state = "editing"
+
+    def _steer_point(self, at: int) -> int:
+        """Where a steer at cursor ``at`` goes. After an EOS, "at the end" means instead of
+        the EOS token: text after an end-of-turn token is never what a user wants to teach."""
+        n = self.view.n_tokens
+        if at >= n and n > 0 and self._last_end() == "eos":
+            return n - 1
+        return at
 
     async def on_token_view_correct_requested(self, event: TokenView.CorrectRequested) -> None:
         await self.action_correct(event.index)
@@ -505,7 +506,7 @@ class SessionScreen(Screen[None]):
         if not await self._idle():
             return
         s = self.session
-        at = self.view.cursor
+        at = self._steer_point(self.view.cursor)
         k = getattr(getattr(self.app, "config", None), "top_k", 10)
         if at < self.view.n_tokens:
             info = self._token_info(at)
@@ -527,8 +528,12 @@ class SessionScreen(Screen[None]):
             for tid, lp in list(top)[:k]
         ]
         where = f"at #{at}" if at < self.view.n_tokens else "after the end"
-        choice = await self.app.push_screen_wait(AlternativesScreen(alts, f"Alternatives {where} — enter picks (a pick steer), esc cancels"))
-        if choice is None:
+        title = f"Alternatives {where} — enter picks (a pick steer), esc cancels"
+        self.app.push_screen(AlternativesScreen(alts, title), lambda choice: self._apply_pick(at, current, choice))
+
+    def _apply_pick(self, at: int, current: int | None, choice: int | None) -> None:
+        s = self.session
+        if choice is None or s is None or self.generating:
             return
         if choice == current:
             self.notify("That is the token already there.")
@@ -607,7 +612,7 @@ class SessionScreen(Screen[None]):
         except Exception as exc:
             self._report_error(exc, "Undo")
             return
-        if done is False or done is None and False:
+        if done is None:
             self.notify("Nothing to undo.")
             return
         self._after_change()
@@ -621,7 +626,7 @@ class SessionScreen(Screen[None]):
         except Exception as exc:
             self._report_error(exc, "Redo")
             return
-        if done is False:
+        if done is None:
             self.notify("Nothing to redo.")
             return
         self._after_change()
@@ -645,18 +650,16 @@ class SessionScreen(Screen[None]):
     async def action_tree(self) -> None:
         if not await self._idle():
             return
-        target = await self.app.push_screen_wait(TreeScreen(self.session.tree, self._current_node_id()))
-        if target:
-            await self._goto(target)
+        self.app.push_screen(TreeScreen(self.session.tree, self._current_node_id()), self._goto)
 
     async def action_stats(self) -> None:
         if not await self._idle():
             return
-        target = await self.app.push_screen_wait(StatsScreen(self.session.tree))
-        if target:
-            await self._goto(target)
+        self.app.push_screen(StatsScreen(self.session.tree), self._goto)
 
-    async def _goto(self, node_id: str) -> None:
+    def _goto(self, node_id: str | None) -> None:
+        if not node_id or self.session is None or self.generating:
+            return
         try:
             self.session.goto(node_id)
         except Exception as exc:
@@ -693,10 +696,10 @@ class SessionScreen(Screen[None]):
         self.status.model = name + (" + " + str(engine.adapter.get("path", "")).rsplit("/", 1)[-1] if enabled else " (adapter off)")
 
     def action_task(self, step: int) -> None:
-        self.app.run_action(f"switch_task({step})")
+        self.app.call_later(self.app.action_switch_task, step)
 
     def action_tasks(self) -> None:
-        self.app.run_action("open_tasks")
+        self.app.call_later(self.app.action_open_tasks)
 
     # ------------------------------------------------------------------ shutdown
     async def shutdown(self) -> None:

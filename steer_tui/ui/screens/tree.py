@@ -79,14 +79,14 @@ class TreeScreen(ModalScreen[str | None]):
         self._build(widget.root, None, on_path, accepted)
         widget.root.expand()
         widget.focus()
-        target = self._nodes.get(self.current or "")
+        target = self._tree_nodes.get(self.current or "")
         if target is not None:
             widget.move_cursor(target)
             self.call_after_refresh(widget.scroll_to_node, target, animate=False)
 
     def _build(self, root: TreeNode[str], parent_id: str | None, on_path: set[str], accepted: set[str]) -> None:
         tr = self.steer_tree
-        self._nodes: dict[str, TreeNode[str]] = {}
+        self._tree_nodes: dict[str, TreeNode[str]] = {}
         discarded = set(tr.discarded)
         # (tree widget parent, first node id of a chain, inherited discarded flag)
         stack: list[tuple[TreeNode[str], str, bool]] = []
@@ -111,7 +111,7 @@ class TreeScreen(ModalScreen[str | None]):
                         stack.append((tnode, c.id, gone_here))
                 else:
                     tnode = holder.add_leaf(label, data=nid)
-                self._nodes[nid] = tnode
+                self._tree_nodes[nid] = tnode
                 if main is None:
                     break
                 nid, gone = main.id, gone_here
