@@ -116,8 +116,8 @@ class StatsScreen(ModalScreen[str | None]):
         table = self.query_one(DataTable)
         table.add_column("at", key="at")
         table.add_column("kind", key="kind")
-        table.add_column("rejected (model)", key="rejected", width=28)
-        table.add_column("chosen (human)", key="chosen", width=28)
+        table.add_column("rejected (model)", key="rejected", width=22)
+        table.add_column("chosen (human)", key="chosen", width=22)
         table.add_column("P(chosen)", key="p")
         table.add_column("rank", key="rank")
         for r in self.rows:
@@ -126,8 +126,8 @@ class StatsScreen(ModalScreen[str | None]):
             table.add_row(
                 Text(str(r.position), style=style),
                 Text(r.kind, style=style),
-                Text(one_line(r.rejected, 28), style="red " + style),
-                Text(one_line(r.chosen, 28), style="green " + style),
+                Text(one_line(r.rejected, 22), style="red " + style),
+                Text(one_line(r.chosen, 22), style="green " + style),
                 Text("—" if r.p_chosen is None else f"{r.p_chosen:.2%}", style=style),
                 Text(("—" if r.rank_first is None else str(r.rank_first)) + flag, style=style),
                 key=r.node_id,

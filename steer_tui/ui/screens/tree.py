@@ -39,7 +39,7 @@ def node_label(tree: SteerTree, node: Node, *, on_path: bool, accepted: set[str]
     if node.replaces:
         t.append(f"  (replaces {node.replaces})", style="dim")
     if node.end and node.end != "cut":
-        t.append(f"  ⏹{node.end}", style="dim")
+        t.append(f"  end:{node.end}", style="dim")
     if node.id in accepted:
         t.append("  ✓ done", style="bold green")
     return t

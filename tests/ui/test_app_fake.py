@@ -1,0 +1,386 @@
+"""Pilot tests of the app on the deterministic FakeEngine. Each drives keys as a person
+would and asserts on the saved task FILE (and, where it matters, on the screen)."""
+
+from __future__ import annotations
+
+import json
+
+from textual.widgets import DataTable, OptionList, Tree
+
+from steer_tui.core.store import StoreError
+from steer_tui.core.tasks import load_task_queue
+from steer_tui.ui.app import SessionFactory, make_app
+from steer_tui.ui.screens.alternatives import AlternativesScreen
+from steer_tui.ui.screens.help import HelpScreen
+from steer_tui.ui.screens.picker import PickerScreen
+from steer_tui.ui.screens.stats import StatsScreen
+from steer_tui.ui.screens.tree import TreeScreen
+
+from .conftest import (
+    SCRIPTS,
+    SlowFakeEngine,
+    nodes_by_id,
+    path_of,
+    read_task,
+    saved_end,
+    saved_response_text,
+    task_files,
+    wait_for,
+    wait_idle,
+)
+
+FRUITS = SCRIPTS[0]
+
+
+async def test_streams_to_eos_and_saves(app_for, store):
+    app = app_for(prompt="Give four fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        scr = app.session_screen
+        assert scr.status.state == "ended (eos)"
+        assert scr.view.text().startswith(FRUITS)
+        data = read_task(store)
+        assert saved_response_text(data) == scr.view.text()
+        assert path_of(data, saved_end(data))[-1]["end"] == "eos"
+        assert data["prompt"]["messages"] == [{"role": "user", "content": "Give four fruits"}]
+
+
+async def test_pause_resume_and_cursor(store, config):
+    engine = SlowFakeEngine(SCRIPTS, delay=0.05)
+    factory = SessionFactory(store=store, engine=engine, sampling={"temperature": 0, "seed": 1, "max_tokens": 200})
+    app = make_app(session_factory=factory, config=config, prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.session_screen and app.session_screen.view.n_tokens >= 10, what="tokens")
+        scr = app.session_screen
+        await pilot.press("space")
+        await wait_idle(pilot, app)
+        assert scr.status.state == "paused"
+        n = scr.view.n_tokens
+        assert 10 <= n < len(FRUITS)
+        data = read_task(store)
+        last = path_of(data, saved_end(data))[-1]
+        assert last["end"] == "paused" and len(last["tokens"]) == n
+        # the cursor: end, then left/home/right/ctrl+right
+        assert scr.view.cursor == n
+        await pilot.press("left")
+        assert scr.view.cursor == n - 1
+        await pilot.press("home")
+        assert scr.view.cursor == 0
+        await pilot.press("right", "right")
+        assert scr.view.cursor == 2
+        await pilot.press("ctrl+right")
+        assert scr.view.cursor == 3 and scr.view.token_text(3) == "A"  # the start of "Apple"
+        await pilot.press("ctrl+right")
+        assert scr.view.token_text(scr.view.cursor) == "\n"  # past the word
+        info = str(scr.query_one("#cursor-info").info)
+        assert f"#{scr.view.cursor}" in info and "p=" in info and "rank" in info
+        # resume: the same model node is extended (pause/continue does not fragment)
+        await pilot.press("space")
+        await wait_idle(pilot, app, timeout=20)
+        data = read_task(store)
+        assert len(data["nodes"]) == 1 and data["nodes"][0]["end"] == "eos"
+        assert data["nodes"][0]["text"].startswith(FRUITS)
+
+
+async def test_rollback_and_correct(app_for, store):
+    app = app_for(prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        scr = app.session_screen
+        at = FRUITS.index("Banana")
+        # move the cursor to the token that starts "Banana" (FakeEngine: one byte per token here)
+        await pilot.press("home", *["right"] * at)
+        assert scr.view.token_text(scr.view.cursor) == "B"
+        await pilot.press("enter")
+        assert scr.query_one("#correction").has_focus
+        await pilot.press(*"Kiwi")
+        # inline preview: the typed text shows at the cut, what follows is struck
+        assert any("Kiwi" in line for line in scr.view.visible_lines())
+        await pilot.press("enter")
+        await wait_idle(pilot, app)
+        data = read_task(store)
+        by = nodes_by_id(data)
+        human = [n for n in data["nodes"] if n["author"] == "human"]
+        assert len(human) == 1
+        h = human[0]
+        assert h["kind"] == "correction" and h["text"] == "Kiwi" and h["annotator"] == "tester"
+        rejected = by[h["replaces"]]
+        assert rejected["author"] == "model" and rejected["text"].startswith("Banana")
+        assert rejected["parent"] == h["parent"]
+        assert "".join(n["text"] for n in path_of(data, h["parent"])) == FRUITS[:at]
+        # generation resumed after the correction, and the path runs through it
+        path = path_of(data, saved_end(data))
+        assert h in path and path[-1]["author"] == "model" and path[-1]["parent"] == h["id"]
+        assert h["logprobs"] and len(h["logprobs"]) == len(h["tokens"])
+        # the rejected text stays visible (struck through) before the correction
+        assert "Banana" in "".join(scr.view.visible_lines()[:3])
+        assert scr.status.steers == 1
+
+
+async def test_escape_cancels_without_change(app_for, store):
+    app = app_for(prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        before = read_task(store)
+        await pilot.press("home", "right", "right", "e", *"junk", "escape")
+        await pilot.pause()
+        scr = app.session_screen
+        assert not scr.query_one("#correction-bar").display
+        assert scr.view.text().startswith(FRUITS)
+        after = read_task(store)
+        assert after["nodes"] == before["nodes"] and after["session"] == before["session"]
+
+
+async def test_pick_alternative(app_for, store):
+    app = app_for(prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        scr = app.session_screen
+        await pilot.press("home", "right", "right", "right")
+        cursor = scr.view.cursor
+        top = scr.session.tokens_view()[cursor].top
+        await pilot.press("tab")
+        await pilot.pause()
+        assert isinstance(app.screen, AlternativesScreen)
+        options = app.screen.query_one(OptionList)
+        assert options.option_count == len(top)
+        await pilot.press("down", "enter")  # the second most likely token
+        await wait_idle(pilot, app)
+        data = read_task(store)
+        picks = [n for n in data["nodes"] if n["kind"] == "pick"]
+        assert len(picks) == 1
+        assert picks[0]["tokens"] == [top[1][0]]
+        assert len(path_of(data, picks[0]["parent"])) and sum(
+            len(n["tokens"]) for n in path_of(data, picks[0]["parent"])
+        ) == cursor
+        assert nodes_by_id(data)[picks[0]["replaces"]]["author"] == "model"
+
+
+async def test_resample_branch_switch_undo_redo_accept(app_for, store):
+    app = app_for(prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        scr = app.session_screen
+        # resample from token 3: a new model sibling of the cut part, no human node
+        await pilot.press("home", "right", "right", "right", "r")
+        await wait_idle(pilot, app)
+        data = read_task(store)
+        assert not [n for n in data["nodes"] if n["author"] == "human"]
+        first = data["nodes"][0]
+        kids = [n for n in data["nodes"] if n["parent"] == first["id"]]
+        assert len(kids) == 2 and all(k["author"] == "model" for k in kids)
+        assert saved_end(data) == kids[1]["id"]
+        # [ goes to the other sibling at that branch point, ] back
+        await pilot.press("home", "right", "right", "right", "right", "left_square_bracket")
+        await pilot.pause()
+        assert saved_end(read_task(store)) == kids[0]["id"]
+        await pilot.press("right_square_bracket")
+        await pilot.pause()
+        assert saved_end(read_task(store)) == kids[1]["id"]
+        # a correction, undone (discarded, not deleted) and redone
+        await pilot.press("end", "left", "left", "enter", *"!!", "enter")
+        await wait_idle(pilot, app)
+        data = read_task(store)
+        h = next(n for n in data["nodes"] if n["author"] == "human")
+        n_nodes = len(data["nodes"])
+        await pilot.press("u")
+        await pilot.pause()
+        data = read_task(store)
+        assert data["discarded"] == [h["id"]] and len(data["nodes"]) == n_nodes
+        assert h["id"] not in {n["id"] for n in path_of(data, saved_end(data))}
+        assert scr.status.steers == 0
+        await pilot.press("U")
+        await pilot.pause()
+        data = read_task(store)
+        assert data["discarded"] == []
+        assert h["id"] in {n["id"] for n in path_of(data, saved_end(data))}
+        # d: the current path is accepted
+        await pilot.press("d")
+        await pilot.pause()
+        data = read_task(store)
+        assert data["accepted"] == [saved_end(data)]
+
+
+async def test_quit_and_reopen_continues(app_for, store):
+    app = app_for(prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        await pilot.press("home", *["right"] * 5, "enter", *"Pear", "enter")
+        await wait_idle(pilot, app)
+        text = app.session_screen.view.text()
+        task_id = app.session_screen.session.task_id
+        await pilot.press("ctrl+q")
+    assert app.return_value == 0
+    saved = read_task(store)
+    assert saved_response_text(saved) == text
+    # the lock was released: the task opens again, at the same position
+    app2 = app_for(task_id=task_id)
+    async with app2.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app2)
+        scr = app2.session_screen
+        assert scr.view.text() == text
+        assert scr.status.steers == 1
+        await pilot.press("u")
+        await pilot.pause()
+    data = read_task(store)
+    assert len(data["discarded"]) == 1
+
+
+async def test_task_queue_navigation(tmp_path, app_for, store):
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(
+        json.dumps({"prompt": "first task", "id": "q-one"}) + "\n"
+        + "{not json\n"
+        + json.dumps({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "second"}], "title": "Second"}) + "\n",
+        encoding="utf-8",
+    )
+    tasks, errors = load_task_queue(qfile)
+    assert len(tasks) == 2 and len(errors) == 1 and ":2:" in errors[0]
+    app = app_for(tasks=tasks, startup_messages=[f"skipped {e}" for e in errors])
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        assert app.session_screen.status.task == "task 1/2"
+        assert any(":2:" in str(n.message) for n in app._notifications)
+        await pilot.press("n")
+        await wait_idle(pilot, app)
+        assert app.session_screen.status.task == "task 2/2"
+        assert len(task_files(store)) == 2
+        second = app.session_screen.session.task_id
+        await pilot.press("n")  # past the end: a notice, nothing changes
+        await pilot.pause()
+        assert app.session_screen.session.task_id == second
+        await pilot.press("N")
+        await wait_idle(pilot, app)
+        assert app.session_screen.session.task_id == "q-one"
+        assert app.session_screen.status.task == "task 1/2"
+    assert len(task_files(store)) == 2  # going back reopened the task, no duplicate
+    data = read_task(store, second)
+    assert data["title"] == "Second" and data["prompt"]["messages"][0]["role"] == "system"
+
+
+async def test_picker_new_task_and_open_saved(app_for, store):
+    app = app_for()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, PickerScreen)
+        await pilot.press(*"Four fruits", "enter", *"please")
+        await pilot.press("ctrl+s")
+        await wait_idle(pilot, app)
+        data = read_task(store)
+        assert data["prompt"]["messages"][-1]["content"] == "Four fruits\nplease"
+        first_id = data["id"]
+        # o: open the picker again, pick the saved task from the table
+        await pilot.press("o")
+        await pilot.pause()
+        assert isinstance(app.screen, PickerScreen)
+        table = app.screen.query_one(DataTable)
+        assert table.row_count == 1
+        table.focus()
+        await pilot.press("enter")
+        await wait_idle(pilot, app)
+        assert app.session_screen.session.task_id == first_id
+
+
+async def test_tree_and_stats_views(app_for, store):
+    app = app_for(prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        await pilot.press("home", *["right"] * 12, "enter", *"Kiwi", "enter")
+        await wait_idle(pilot, app)
+        data = read_task(store)
+        h = next(n for n in data["nodes"] if n["author"] == "human")
+        await pilot.press("t")
+        await pilot.pause()
+        assert isinstance(app.screen, TreeScreen)
+        tree = app.screen.query_one(Tree)
+        # jump to the rejected node: select it in the tree view
+        target = app.screen._tree_nodes[h["replaces"]]
+        tree.move_cursor(target)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert not isinstance(app.screen, TreeScreen)
+        assert saved_end(read_task(store)) == h["replaces"]
+        await pilot.press("s")
+        await pilot.pause()
+        assert isinstance(app.screen, StatsScreen)
+        rows = app.screen.rows
+        assert len(rows) == 1 and rows[0].chosen == "Kiwi" and rows[0].position == 12
+        assert rows[0].rejected.startswith(FRUITS[12:20])
+        assert rows[0].p_chosen is not None and 0 < rows[0].p_chosen <= 1
+        await pilot.press("escape")
+
+
+async def test_help_palette_and_keymap(factory, store):
+    from steer_tui.ui.config import UIConfig
+    from steer_tui.ui.keys import ALL_KEYS, SESSION_KEYS
+
+    config = UIConfig(keymap={"session.pause": "z", "session.undo": "x"})
+    engine = SlowFakeEngine(SCRIPTS, delay=0.02)
+    slow = SessionFactory(store=store, engine=engine, sampling={"temperature": 0, "seed": 1})
+    app = make_app(session_factory=slow, config=config, prompt="fruits")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.session_screen and app.session_screen.view.n_tokens >= 3, what="tokens")
+        await pilot.press("z")  # remapped pause
+        await wait_idle(pilot, app)
+        assert app.session_screen.status.state == "paused"
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        table = app.screen.query_one(DataTable)
+        assert table.row_count == len(ALL_KEYS)
+        ids = {str(table.get_row_at(i)[2]) for i in range(table.row_count)}
+        assert ids == {k.id for k in ALL_KEYS}
+        keys_of_pause = next(str(table.get_row_at(i)[0]) for i in range(table.row_count) if str(table.get_row_at(i)[2]) == "session.pause")
+        assert keys_of_pause == "z"
+        await pilot.press("escape")
+        titles = {c.title for c in app.get_system_commands(app.session_screen)}
+        for k in SESSION_KEYS:
+            assert k.description in titles
+
+
+async def test_save_failure_keeps_data_and_retries(app_for, store, monkeypatch):
+    app = app_for(prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        scr = app.session_screen
+        real_save = type(scr.session.store).save
+        fail = {"on": True}
+
+        def flaky_save(self, tree):
+            if fail["on"]:
+                raise StoreError(f"cannot write {self.task_path(tree.id)}: No space left on device")
+            return real_save(self, tree)
+
+        monkeypatch.setattr(type(scr.session.store), "save", flaky_save)
+        await pilot.press("d")
+        await pilot.pause()
+        assert scr.status.save_state.startswith("save failed")
+        assert scr.session.tree.accepted  # kept in memory
+        assert read_task(store)["accepted"] == []
+        fail["on"] = False
+        scr._retry_save()
+        await pilot.pause()
+        assert scr.status.save_state == "saved"
+        assert read_task(store)["accepted"] == scr.session.tree.accepted
+
+
+async def test_tiny_terminal_does_not_crash(app_for, store):
+    app = app_for(prompt="fruits")
+    async with app.run_test(size=(12, 4)) as pilot:
+        await wait_idle(pilot, app)
+        await pilot.press("home", "right", "down", "end", "e", *"ok", "enter")
+        await wait_idle(pilot, app)
+        await pilot.press("t")
+        await pilot.pause()
+        await pilot.press("escape", "s")
+        await pilot.pause()
+        await pilot.press("escape", "question_mark")
+        await pilot.pause()
+        await pilot.press("escape")
+        await pilot.resize_terminal(80, 24) if hasattr(pilot, "resize_terminal") else None
+        await pilot.pause()
+    data = read_task(store)
+    # at the end after an EOS, a correction replaces the EOS token
+    h = next(n for n in data["nodes"] if n["author"] == "human")
+    assert h["kind"] == "correction" and h["text"] == "ok"
+    assert nodes_by_id(data)[h["replaces"]]["end"] == "eos"
