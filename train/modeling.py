@@ -268,6 +268,10 @@ def load_model(
     kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(where), **kw)
+    except Exception as exc:  # a model without a tokenizer still trains on tree token ids
+        log.warning("no tokenizer in %s (%s); using the trees' token ids as they are", where, exc)
+        tokenizer = None
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             str(where), dtype=dtype or torch.float32, use_safetensors=True, **kw
         )

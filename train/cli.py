@@ -1,0 +1,205 @@
+"""``steer-train``: train a LoRA adapter on steer trees; ``steer-train eval``: score one.
+
+Exit codes: 0 ok, 2 bad arguments / no usable data / unknown model, 3 training stopped
+(non-finite loss, out of memory), 1 unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from train.config import ConfigError, TrainConfig, load_toml, make_config
+
+log = logging.getLogger("steer-train")
+_D = TrainConfig()
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="steer-train",
+        description="Train a LoRA adapter on steer trees (masked SFT + localized DPO). "
+        "`steer-train eval --help` scores an adapter on held-out steers.",
+    )
+    p.add_argument("--data", action="append", metavar="DIR|FILE", help="steer-tree dir (recursive *.json) or file; repeatable")
+    p.add_argument("--out", metavar="DIR", help="output directory")
+    p.add_argument("--model", metavar="HF_ID|DIR|FILE.gguf", help="default: the local GGUF recorded in the trees")
+    p.add_argument("--config", metavar="FILE.toml", help="TOML with any of the options below (flags win)")
+    p.add_argument("--objective", choices=["sft", "dpo", "sft+dpo"])
+    p.add_argument("--packing", choices=["tree", "none"])
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--beta", type=float)
+    p.add_argument("--loss-type", choices=["sigmoid", "ipo"])
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--length-normalize", action="store_true", default=None)
+    p.add_argument("--sft-weight", type=float)
+    p.add_argument("--dpo-weight", type=float)
+    p.add_argument("--rpo-alpha", type=float, help="SFT term on the chosen span (RPO-style)")
+    p.add_argument("--kl-weight", type=float, help="reference KL on model-written tokens")
+    p.add_argument("--lora-r", type=int)
+    p.add_argument("--lora-alpha", type=float)
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--no-lora-mlp", dest="lora_mlp", action="store_false", default=None, help="LoRA on attention only")
+    p.add_argument("--eval-fraction", type=float)
+    p.add_argument("--model-token-weight", type=float)
+    p.add_argument("--accepted-weight", type=float)
+    p.add_argument("--chosen-continuation", type=int)
+    p.add_argument("--rejected-tokens", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--batch-size", type=int, help="tasks per device per step")
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--token-budget", type=int)
+    p.add_argument("--save-steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--fp32", dest="bf16", action="store_false", default=None, help="no bf16 even on a GPU")
+    p.add_argument("--resume", action="store_true", default=None)
+    p.add_argument("--merge", action="store_true", default=None, help="also write a merged HF model to OUT/merged")
+    p.add_argument("--no-gguf", dest="export_gguf", action="store_false", default=None)
+    p.add_argument("--trust-remote-code", action="store_true", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="steer-train eval", description="Steer accuracy, reward margin and first-token "
+                                "accuracy of a model (+ adapter) on the steers in --data, before vs after.")
+    p.add_argument("--data", action="append", required=True, metavar="DIR|FILE")
+    p.add_argument("--model", metavar="HF_ID|DIR|FILE.gguf")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory (a steer-train --out)")
+    p.add_argument("--beta", type=float, default=_D.beta)
+    p.add_argument("--packing", choices=["tree", "none"], default="tree")
+    p.add_argument("--eval-fraction", type=float, default=0.0,
+                   help="score only the held-out split a training run with this fraction/seed used (default: all)")
+    p.add_argument("--seed", type=int, default=_D.seed)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    return p
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"steer-train: error: {msg}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if argv and argv[0] == "eval":
+        return eval_main(argv[1:])
+    args = _train_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        file_values = load_toml(args.config) if args.config else {}
+        given = {k: v for k, v in vars(args).items() if k not in ("config", "quiet")}
+        cfg = make_config(file_values, **given)
+        if not cfg.data:
+            raise ConfigError("--data is required (a directory of steer trees, e.g. <store>/tasks)")
+        if not cfg.out:
+            raise ConfigError("--out is required")
+    except ConfigError as exc:
+        return _fail(str(exc))
+    return _run(cfg)
+
+
+def _run(cfg: TrainConfig) -> int:
+    from train.data import DataError
+    from train.modeling import ModelError
+
+    try:
+        from train.trainer import NonFiniteLoss, run_training
+    except ImportError as exc:
+        return _fail(f"the training extra is not installed ({exc}); run `pip install 'steer[train]'`")
+    try:
+        metrics = run_training(cfg)
+    except (DataError, ModelError, ConfigError) as exc:
+        return _fail(str(exc))
+    except NonFiniteLoss as exc:
+        return _fail(str(exc), 3)
+    except Exception as exc:  # OOM has no common base class across backends
+        if _is_oom(exc):
+            return _fail(
+                f"out of memory ({type(exc).__name__}). Try --batch-size 1, --token-budget 1024, "
+                "--gradient-checkpointing, --max-length, a smaller --lora-r, or --packing tree", 3)
+        raise
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(cfg, metrics)
+    return 0
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+
+
+def _print_summary(cfg: TrainConfig, m: dict) -> None:
+    d = m["data"]
+    print(f"trained {m['train']['global_step']} steps on {d['train_tasks']} tasks / {d['train_steers']} steers "
+          f"in {m['train']['seconds']:.1f}s ({m['train']['steps_per_second']:.3f} steps/s)")
+    ev = m.get("eval")
+    if ev and ev["before"].get("steers"):
+        b, a = ev["before"], ev["after"]
+        print(f"held-out ({b['steers']} steers in {d['eval_tasks']} tasks):  before -> after")
+        for k in ("steer_accuracy", "first_token_accuracy", "reward_margin"):
+            print(f"  {k:22s} {b[k]:8.3f} -> {a[k]:8.3f}")
+    else:
+        print("no held-out steers (use --eval-fraction with more than one task)")
+    print(f"outputs in {cfg.out}: adapter_model.safetensors, adapter_config.json, metrics.json, training.png"
+          + (", adapter.gguf" if m.get("adapter_gguf") else ""))
+
+
+def eval_main(argv: list[str]) -> int:
+    args = _eval_parser().parse_args(argv)
+    _setup_logging(args.json)
+    from train import data as D
+    from train.data import DataError
+    from train.evaluate import evaluate_tasks
+    from train.modeling import ModelError, load_model, resolve_model, token_pieces, vocab_sha256_from_pieces
+
+    try:
+        rep = D.load_trees(args.data)
+        source = resolve_model(args.model, D.tree_models(rep.trees))
+        model, tok, _ = load_model(source, trust_remote_code=args.trust_remote_code)
+        if args.adapter:
+            ad = Path(args.adapter)
+            if not (ad / "adapter_config.json").is_file():
+                raise ModelError(f"--adapter {args.adapter!r} has no adapter_config.json (expected a steer-train --out)")
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(ad))
+        vocab = D.VocabCheck(tokenizer=tok, model_sha256=source.sha256,
+                             vocab_sha256=vocab_sha256_from_pieces(token_pieces(tok)) if tok else None)
+        ds = D.build_dataset(trees=rep.trees, vocab=vocab, eval_fraction=args.eval_fraction, seed=args.seed,
+                             objective="dpo")
+    except (DataError, ModelError) as exc:
+        return _fail(str(exc))
+    tasks = ds.eval if args.eval_fraction > 0 else ds.train + ds.eval
+    res = evaluate_tasks(model, tasks, beta=args.beta, packing=args.packing)
+    res["tasks"] = len(tasks)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        b, a = res["before"], res["after"]
+        print(f"{b['steers']} steers in {len(tasks)} tasks        base -> " + ("adapter" if args.adapter else "base"))
+        for k in ("steer_accuracy", "first_token_accuracy", "reward_margin"):
+            print(f"  {k:22s} {b[k]:8.3f} -> {a[k]:8.3f}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

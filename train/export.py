@@ -1,0 +1,120 @@
+"""Export a PEFT LoRA adapter to llama.cpp's LoRA GGUF format (and optionally a merged model).
+
+The layout follows llama.cpp's ``convert_lora_to_gguf.py``:
+
+* metadata ``general.type = "adapter"``, ``general.architecture``, ``adapter.type = "lora"``,
+  ``adapter.lora.alpha``;
+* for every adapted base weight ``W`` (HF name mapped to the llama.cpp name with gguf-py's
+  ``TensorNameMap``, e.g. ``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``)
+  two tensors ``<name>.lora_a`` and ``<name>.lora_b`` with the PEFT shapes kept
+  (``lora_a``: ``[r, in]``, ``lora_b``: ``[out, r]``; gguf stores dims reversed, so ggml sees
+  ``a.ne = [in, r]``, ``b.ne = [r, out]``, which is what llama.cpp's adapter loader checks);
+* llama-family models store Q and K with the rotary halves interleaved differently from HF
+  (``convert_hf_to_gguf`` permutes their rows). ``delta = B @ A`` permutes with its rows, so
+  only ``lora_b`` of ``q_proj``/``k_proj`` gets the same row permutation.
+
+llama.cpp applies ``W x + (alpha / r) * B A x``, the same scale PEFT uses (no rsLoRA).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+#: architectures whose q/k rows convert_hf_to_gguf permutes for rotary embeddings
+_PERMUTE_QK = {"llama", "mistral", "granite", "granitemoe", "deci"}
+
+
+class ExportError(Exception):
+    pass
+
+
+def _permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf's LlamaModel.permute on the output (row) dimension."""
+    out = w.shape[0]
+    return w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def lora_state(peft_model) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, int]:
+    """``{hf_weight_name: (A [r, in], B [out, r])}``, alpha and r of the (single) adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    name = peft_model.active_adapter if isinstance(peft_model.active_adapter, str) else peft_model.active_adapter[0]
+    pc = peft_model.peft_config[name]
+    if getattr(pc, "use_rslora", False) or getattr(pc, "use_dora", False):
+        raise ExportError("rsLoRA/DoRA adapters cannot be expressed in llama.cpp's LoRA format")
+    if pc.rank_pattern or pc.alpha_pattern:
+        raise ExportError("per-module rank/alpha patterns are not supported by the GGUF export")
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    base = peft_model.get_base_model()
+    for mod_name, mod in base.named_modules():
+        if isinstance(mod, LoraLayer) and name in mod.lora_A:
+            a = mod.lora_A[name].weight.detach().float().cpu()
+            b = mod.lora_B[name].weight.detach().float().cpu()
+            out[f"{mod_name}.weight"] = (a, b)
+    if not out:
+        raise ExportError("the model has no LoRA layers to export")
+    return out, float(pc.lora_alpha), int(pc.r)
+
+
+def export_lora_gguf(peft_model, path: str | os.PathLike[str], *, arch: str | None = None) -> Path:
+    """Write ``path`` (llama.cpp LoRA GGUF) from a PEFT model; returns the path."""
+    import gguf
+
+    cfg = peft_model.get_base_model().config
+    arch = arch or cfg.model_type
+    try:
+        model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    except StopIteration:
+        raise ExportError(f"gguf-py does not know the architecture {arch!r}") from None
+    n_blocks = int(cfg.num_hidden_layers)
+    tmap = gguf.get_tensor_name_map(model_arch, n_blocks)
+    tensors, alpha, r = lora_state(peft_model)
+    n_head = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    w.add_name("steer-tui LoRA adapter")
+    for hf_name, (a, b) in sorted(tensors.items()):
+        # strip the "model." prefix variants the map may not know
+        gg = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gg is None:
+            raise ExportError(f"no llama.cpp tensor name for {hf_name!r} (architecture {arch!r})")
+        b_np = b.numpy()
+        if arch in _PERMUTE_QK:
+            if hf_name.endswith("q_proj.weight"):
+                b_np = _permute_rows(b_np, n_head)
+            elif hf_name.endswith("k_proj.weight"):
+                b_np = _permute_rows(b_np, n_kv)
+        w.add_tensor(f"{gg}.lora_a", np.ascontiguousarray(a.numpy(), dtype=np.float32))
+        w.add_tensor(f"{gg}.lora_b", np.ascontiguousarray(b_np, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    log.info("wrote %s (%d LoRA pairs, r=%d, alpha=%g)", path, len(tensors), r, alpha)
+    return path
+
+
+def merge_and_save(peft_model, tokenizer, out_dir: str | os.PathLike[str]) -> Path:
+    """Merged full model (safetensors) + tokenizer in ``out_dir``. Leaves ``peft_model`` intact."""
+    import copy
+
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    out = Path(out_dir)
+    merged.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
