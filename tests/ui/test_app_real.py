@@ -1,0 +1,133 @@
+"""The app on the bundled real model (SmolLM2-135M, CPU): the whole steering loop, each
+step checked in the saved task file. One engine per module; few tokens per step."""
+
+from __future__ import annotations
+
+import pytest
+
+from steer_tui.ui.app import SessionFactory, make_app
+from steer_tui.ui.config import UIConfig
+from steer_tui.ui.screens.alternatives import AlternativesScreen
+
+from .conftest import nodes_by_id, path_of, read_task, saved_end, saved_response_text, wait_for, wait_idle
+
+
+@pytest.fixture(scope="module")
+def real_engine(model_path):
+    from steer_tui.core.engine import open_engine
+
+    engine = open_engine(model_path, n_ctx=512, seed=0)
+    yield engine
+    close = getattr(engine, "close", None)
+    if close:
+        close()
+
+
+def real_app(store, engine, **kwargs):
+    factory = SessionFactory(
+        store=store, engine=engine, sampling={"temperature": 0, "seed": 3, "max_tokens": kwargs.pop("max_tokens", 16)}, annotator="t"
+    )
+    return make_app(session_factory=factory, config=UIConfig(annotator="t"), **kwargs)
+
+
+async def test_real_model_steering_loop(real_engine, tmp_path):
+    store = tmp_path / "store"
+    app = real_app(store, real_engine, prompt="Give four examples of fruit.")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app, timeout=120)
+        scr = app.session_screen
+        assert scr.status.state in ("paused (max tokens)", "ended (eos)")
+        first = read_task(store)
+        assert saved_response_text(first) == scr.view.text() and scr.view.n_tokens > 3
+        assert first["model"]["name"].startswith("SmolLM2")
+
+        # pick: the second alternative at token 2
+        await pilot.press("home", "right", "right", "tab")
+        await pilot.pause()
+        assert isinstance(app.screen, AlternativesScreen)
+        top = scr.session.tokens_view()[2].top
+        await pilot.press("down", "enter")
+        await wait_idle(pilot, app, timeout=120)
+        data = read_task(store)
+        pick = next(n for n in data["nodes"] if n["kind"] == "pick")
+        assert pick["tokens"] == [top[1][0]] and pick["replaces"]
+        assert sum(len(n["tokens"]) for n in path_of(data, pick["parent"])) == 2
+
+        # rollback + correction at the last-but-two token; generation resumes after it
+        await pilot.press("end", "left", "left", "enter", *" Kiwi", "enter")
+        await wait_idle(pilot, app, timeout=120)
+        data = read_task(store)
+        corr = next(n for n in data["nodes"] if n["kind"] == "correction")
+        assert corr["text"] == " Kiwi" and corr["replaces"] and corr["annotator"] == "t"
+        assert len(corr["logprobs"]) == len(corr["tokens"]) and all(lp <= 0 for lp in corr["logprobs"])
+        assert path_of(data, saved_end(data))[-1]["parent"] == corr["id"]
+        assert " Kiwi" in scr.view.text()
+
+        # resample from token 1: a new model sibling, no new human node
+        n_human = sum(n["author"] == "human" for n in data["nodes"])
+        await pilot.press("home", "right", "r")
+        await wait_idle(pilot, app, timeout=120)
+        data = read_task(store)
+        assert sum(n["author"] == "human" for n in data["nodes"]) == n_human
+        end_path = path_of(data, saved_end(data))
+        assert sum(len(n["tokens"]) for n in end_path[:-1]) == 1  # the new branch starts at token 1
+
+        # [ and ]: cycle the sibling branches at token 1
+        before = saved_end(data)
+        await pilot.press("home", "right", "right", "left_square_bracket")
+        await pilot.pause()
+        other = saved_end(read_task(store))
+        assert other != before
+        await pilot.press("right_square_bracket")
+        await pilot.pause()
+        assert saved_end(read_task(store)) == before
+
+        # go back to the corrected branch, undo and redo its last steer, accept
+        await pilot.press("left_square_bracket")
+        await pilot.pause()
+        data = read_task(store)
+        assert corr["id"] in {n["id"] for n in path_of(data, saved_end(data))}
+        await pilot.press("u")
+        await pilot.pause()
+        data = read_task(store)
+        assert data["discarded"] == [corr["id"]]
+        await pilot.press("U")
+        await pilot.pause()
+        data = read_task(store)
+        assert data["discarded"] == []
+        await pilot.press("d")
+        await pilot.pause()
+        data = read_task(store)
+        assert data["accepted"] == [saved_end(data)]
+        text = scr.view.text()
+        task_id = data["id"]
+        await pilot.press("ctrl+q")
+
+    # quit and reopen: exactly where it stopped
+    app2 = real_app(store, real_engine, task_id=task_id)
+    async with app2.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app2, timeout=120)
+        assert app2.session_screen.view.text() == text
+        assert app2.session_screen.status.steers == 2
+    by = nodes_by_id(read_task(store))
+    assert by[corr["id"]]["text"] == " Kiwi"
+
+
+async def test_real_model_pause_mid_stream(real_engine, tmp_path):
+    store = tmp_path / "store"
+    app = real_app(store, real_engine, prompt="Write a long story about a fox.", max_tokens=400)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.session_screen and app.session_screen.view.n_tokens >= 3, timeout=120, what="tokens")
+        await pilot.press("space")
+        await wait_idle(pilot, app, timeout=60)
+        scr = app.session_screen
+        assert scr.status.state == "paused"
+        n = scr.view.n_tokens
+        assert 3 <= n < 400
+        data = read_task(store)
+        last = path_of(data, saved_end(data))[-1]
+        assert last["end"] == "paused" and saved_response_text(data) == scr.view.text()
+        # the cursor moves over the paused response and shows the token's probability
+        await pilot.press("left", "left")
+        assert scr.view.cursor == n - 2
+        assert "p=" in str(scr.query_one("#cursor-info").info)
