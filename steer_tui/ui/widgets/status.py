@@ -35,21 +35,22 @@ class StatusBar(Widget):
     """"saved", "unsaved" or "save failed: ..." (the data stays in memory and is retried)."""
 
     def render(self) -> Text:
+        # most important first; the model name takes whatever width is left
         t = Text(no_wrap=True, overflow="ellipsis")
         t.append(f" {self.state or '…'} ", style="bold reverse")
         if self.task:
-            t.append(f" {self.task} ", style="bold")
-        t.append(" ")
-        t.append(one_line(self.model, 40), style="italic")
-        if self.tokens_per_s:
-            t.append(f" │ {self.tokens_per_s:5.1f} tok/s")
-        if self.ctx_limit:
-            t.append(f" │ ctx {self.ctx_used}/{self.ctx_limit}")
+            t.append(f" {self.task}", style="bold")
         t.append(f" │ steers {self.steers}")
         if self.save_state:
             style = "bold red" if self.save_state.startswith("save failed") else ""
             t.append(" │ ")
             t.append(one_line(self.save_state, 60), style=style)
+        if self.ctx_limit:
+            t.append(f" │ ctx {self.ctx_used}/{self.ctx_limit}")
+        if self.tokens_per_s:
+            t.append(f" │ {self.tokens_per_s:.1f} tok/s")
+        t.append(" │ ")
+        t.append(one_line(self.model, 60), style="italic")
         return t
 
 
