@@ -574,6 +574,73 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_metadata(path: str | os.PathLike[str], keys: Sequence[str], *, max_kv: int = 4096) -> dict[str, Any]:
+    """Read the given scalar/string metadata keys from a GGUF header (pure Python, stops as
+    soon as all are found). Raises EngineError for a truncated or malformed header."""
+    import struct
+
+    want = set(keys)
+    found: dict[str, Any] = {}
+    try:
+        with open(path, "rb") as fh:
+
+            def read(fmt: str) -> Any:
+                size = struct.calcsize(fmt)
+                data = fh.read(size)
+                if len(data) != size:
+                    raise EOFError
+                return struct.unpack(fmt, data)[0]
+
+            def read_str() -> bytes:
+                n = read("<Q")
+                if n > 1 << 24:
+                    raise ValueError("string too long")
+                data = fh.read(n)
+                if len(data) != n:
+                    raise EOFError
+                return data
+
+            def skip(vtype: int) -> None:
+                if vtype in _GGUF_SCALARS:
+                    fh.seek(struct.calcsize(_GGUF_SCALARS[vtype]), 1)
+                elif vtype == 8:
+                    fh.seek(read("<Q"), 1)
+                elif vtype == 9:
+                    etype, count = read("<I"), read("<Q")
+                    if etype in _GGUF_SCALARS:
+                        fh.seek(struct.calcsize(_GGUF_SCALARS[etype]) * count, 1)
+                    else:
+                        for _ in range(count):
+                            skip(etype)
+                else:
+                    raise ValueError(f"unknown value type {vtype}")
+
+            if fh.read(4) != b"GGUF":
+                raise ValueError("bad magic")
+            version = read("<I")
+            if version < 2:
+                raise ValueError(f"unsupported GGUF version {version}")
+            read("<Q")  # tensor count
+            n_kv = read("<Q")
+            for _ in range(min(n_kv, max_kv)):
+                key = read_str().decode("utf-8", "replace")
+                vtype = read("<I")
+                if key in want and vtype in _GGUF_SCALARS:
+                    found[key] = read(_GGUF_SCALARS[vtype])
+                elif key in want and vtype == 8:
+                    found[key] = read_str().decode("utf-8", "replace")
+                else:
+                    skip(vtype)
+                if len(found) == len(want):
+                    break
+    except (EOFError, ValueError, OSError) as exc:
+        raise EngineError(f"{str(path)!r}: unreadable GGUF header ({exc or 'file is truncated'})") from None
+    return found
+
+
 def _check_gguf(path: str | os.PathLike[str], what: str) -> Path:
     from steer_tui.core.models import ModelNotFound, check_gguf
 
@@ -606,6 +673,15 @@ def open_engine(
     else:
         path = _check_gguf(model_path, "model")
     adapter_path = _check_gguf(adapter, "adapter") if adapter is not None else None
+    if adapter_path is not None:
+        meta = gguf_metadata(adapter_path, ("general.type", "adapter.type"))
+        kind = meta.get("general.type"), meta.get("adapter.type")
+        if kind != ("adapter", "lora"):
+            # llama.cpp would accept (or crash on) a whole model passed as an adapter
+            raise EngineError(
+                f"adapter {str(adapter_path)!r} is not a LoRA adapter GGUF (general.type="
+                f"{kind[0]!r}, adapter.type={kind[1]!r}); export one with steer-train"
+            )
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
         raise EngineError(f"n_ctx must be an integer >= 16 (got {n_ctx!r})")
     from steer_tui.core.llama_engine import LlamaEngine
