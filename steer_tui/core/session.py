@@ -431,7 +431,8 @@ class Session:
         is extended (so pause/continue does not fragment the tree). After a rollback or
         ``resample()`` it is always a new node (a sibling of what was cut). When it stops,
         ``last_end`` and the node's ``end`` say why (eos | length | context | paused) and the
-        tree is saved. Setting ``stop`` pauses it after the current token."""
+        tree is saved. Setting ``stop`` pauses it after the current token. A path that
+        already ends with an EOS token yields nothing (``last_end == "eos"``)."""
         with self._mu:
             self._check_writable()
             self._check_idle()
@@ -451,6 +452,10 @@ class Session:
     def _generate(self, max_tokens: int | None, stop: threading.Event | None) -> Iterator[Token]:
         with self._mu:
             context = self.context_tokens
+            if len(context) > len(self.prompt_tokens) and context[-1] in self.engine.eos_ids:
+                # the path already ended with EOS: nothing to continue (roll back first)
+                self.last_end = "eos"
+                return
             parent = self._end
             node = self.tree.node(parent) if parent is not None else None
             adapter = self.engine.adapter

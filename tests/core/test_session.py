@@ -153,6 +153,8 @@ def test_pause_and_continue_extends_the_node(store_dir, engine):
         list(s.generate())
         assert s.last_end == "eos" and len(s.tree.nodes) == 1
         assert s.response_text == "1. Apple\n2. Banana\n3. Cherry\n4. Mango<|im_end|>"
+        n = len(s.tree.nodes)
+        assert list(s.generate()) == [] and s.last_end == "eos" and len(s.tree.nodes) == n
         # breaking out of the loop counts as a pause too
         s.rollback(3)
         for _ in s.generate():
