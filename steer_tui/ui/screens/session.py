@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
+from bisect import bisect_right
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 from textual.worker import Worker, WorkerState
 
+from steer_tui.core.text import TextDecoder
+from steer_tui.core.text import pieces as text_pieces
 from steer_tui.ui.keys import SESSION_KEYS, bindings
 from steer_tui.ui.render import one_line
 from steer_tui.ui.screens.alternatives import Alternative, AlternativesScreen
@@ -37,6 +40,18 @@ from steer_tui.ui.widgets.token_view import Piece, TokenView
 BATCH_SECONDS = 0.03  # coalesce streamed tokens: at most ~33 screen updates per second
 GHOST_CHARS = 120  # rejected text shown (struck through) before a correction, at most
 NEWLINE_MARK = "\u21b5"  # typed with ctrl+j in the correction editor, saved as "\n"
+
+
+@dataclass
+class TokenAt:
+    index: int
+    node_id: str
+    id: int
+    text: str
+    logprob: float | None
+    top: list[tuple[int, float]] | None
+    author: str
+    kind: str
 
 
 @dataclass
@@ -63,22 +78,66 @@ class CorrectionInput(Input):
         self.insert_text_at_cursor(NEWLINE_MARK)
 
 
-def pieces_of(session: Any) -> list[Piece]:
+@dataclass
+class PathView:
+    """What the screen draws for the current path: the pieces, and where each node starts
+    (token index), so the token under the cursor maps back to its node in O(log n)."""
+
+    pieces: list[Piece]
+    starts: list[int]  # token index where each path node starts
+    nodes: list[Any]  # the path nodes
+
+    def locate(self, index: int) -> tuple[Any, int]:
+        """(node, offset) of response token ``index``."""
+        k = bisect_right(self.starts, index) - 1
+        return self.nodes[k], index - self.starts[k]
+
+
+def path_view(session: Any) -> PathView:
     """The current path as pieces, with the rejected text of each steer struck through
-    just before the correction that replaced it."""
+    just before the correction that replaced it. Decodes each token once (UTF-8 safe)."""
     tree = session.tree
-    pieces: list[Piece] = []
-    last_node = None
-    for info in session.tokens_view():
-        if info.node_id != last_node:
-            last_node = info.node_id
-            node = tree.node(info.node_id)
-            if node.replaces and info.offset == 0:
-                # one line, cut short: enough to see what was replaced without pushing text away
-                ghost = one_line(rejected_text(tree, node.replaces), GHOST_CHARS)
-                pieces.append(Piece(ghost, "rejected"))
-        pieces.append(Piece(info.text, "human" if info.author == "human" else "model", info.logprob))
-    return pieces
+    tb = session.engine.token_bytes
+    dec = TextDecoder()
+    out: list[Piece] = []
+    starts: list[int] = []
+    nodes = tree.path(session.end) if session.end is not None else []
+    index = 0
+    for node in nodes:
+        starts.append(index)
+        if node.replaces:
+            # one line, cut short: enough to see what was replaced without pushing text away
+            out.append(Piece(one_line(rejected_text(tree, node.replaces), GHOST_CHARS), "rejected"))
+        author = "human" if node.is_human else "model"
+        lps = node.logprobs
+        for off, text in enumerate(text_pieces(tb, node.tokens, dec)):
+            out.append(Piece(text, author, lps[off] if lps is not None else None))
+        index += len(node.tokens)
+    return PathView(out, starts, nodes)
+
+
+def count_steers(tree: Any) -> int:
+    """Steers that count for training (not undone, nor under an undone node), in O(nodes)."""
+    if not tree.discarded:
+        return sum(1 for n in tree.nodes if n.is_steer)
+    gone = set(tree.discarded)
+    parent = {n.id: n.parent for n in tree.nodes}
+    dead: dict[str | None, bool] = {None: False}
+
+    def is_dead(nid: str | None) -> bool:
+        chain = []
+        while nid not in dead:
+            if nid in gone:
+                dead[nid] = True
+                break
+            chain.append(nid)
+            nid = parent[nid]
+        value = dead[nid]
+        for c in chain:
+            dead[c] = value
+        return value
+
+    return sum(1 for n in tree.nodes if n.is_steer and not is_dead(n.id))
 
 
 def rejected_text(tree: Any, node_id: str) -> str:
@@ -134,6 +193,7 @@ class SessionScreen(Screen[None]):
         self._stream_n = 0
         self._edit_at: int | None = None
         self._save_failed = False
+        self._path: PathView | None = None
         self.closed = False
 
     # ------------------------------------------------------------------ layout
@@ -217,7 +277,8 @@ class SessionScreen(Screen[None]):
 
     def _refresh_all(self, cursor: int | None = None) -> None:
         s = self.session
-        self.view.set_pieces(pieces_of(s), cursor=cursor)
+        self._path = path_view(s)
+        self.view.set_pieces(self._path.pieces, cursor=cursor)
         prompt = s.tree.prompt
         msgs = prompt.get("messages") or []
         text = next((m["content"] for m in reversed(msgs) if m.get("role") == "user"), None) or prompt.get("text", "")
@@ -235,7 +296,7 @@ class SessionScreen(Screen[None]):
             return
         st = self.status
         st.ctx_used = len(s.tree.prompt_tokens) + self.view.n_tokens
-        st.steers = len(s.tree.steers())
+        st.steers = count_steers(s.tree)
 
     def _set_paused_state(self) -> None:
         end = self._last_end()
@@ -276,15 +337,29 @@ class SessionScreen(Screen[None]):
             t.append(f"  {tok.author}/{tok.kind} {tok.node_id}", style="dim")
         info.info = t
 
-    def _token_info(self, index: int) -> Any:
-        view = getattr(self, "_tv_cache", None)
-        if view is None or self._tv_cache_key != self.view.n_tokens:
-            self._tv_cache = view = self.session.tokens_view()
-            self._tv_cache_key = self.view.n_tokens
-        return view[index]
+    def _token_info(self, index: int) -> TokenAt:
+        """The response token ``index`` of the current path, from the tree (no copies)."""
+        path = self._path
+        if path is None or path.starts is None or self.view.n_tokens != self._path_tokens():
+            self._path = path = path_view(self.session)
+        node, off = path.locate(index)
+        top = [(int(t), float(lp)) for t, lp in node.top[off]] if node.top is not None else None
+        return TokenAt(
+            index=index,
+            node_id=node.id,
+            id=node.tokens[off],
+            text=self.view.token_text(index),
+            logprob=node.logprobs[off] if node.logprobs is not None else None,
+            top=top,
+            author=node.author,
+            kind=node.kind,
+        )
+
+    def _path_tokens(self) -> int:
+        return sum(len(n.tokens) for n in self._path.nodes) if self._path else -1
 
     def _invalidate(self) -> None:
-        self._tv_cache = None
+        self._path = None
 
     def on_token_view_cursor_moved(self, event: TokenView.CursorMoved) -> None:
         if not self.generating:
@@ -576,11 +651,10 @@ class SessionScreen(Screen[None]):
         if not await self._idle():
             return
         s = self.session
-        at = self.view.cursor
-        view = s.tokens_view()
-        if not view:
+        n = self.view.n_tokens
+        if n == 0:
             return
-        node_id = view[min(at, len(view) - 1)].node_id
+        node_id = self._token_info(min(self.view.cursor, n - 1)).node_id
         # the nearest branch point above the cursor: walk up until a node has siblings
         tree = s.tree
         for node in reversed(tree.path(node_id)):

@@ -19,7 +19,7 @@ from rich.cells import cell_len
 from rich.segment import Segment
 from rich.style import Style
 from textual import events
-from textual.geometry import Size
+from textual.geometry import Region, Size
 from textual.message import Message
 from textual.reactive import reactive
 from textual.scroll_view import ScrollView
@@ -130,6 +130,9 @@ class TokenView(ScrollView, can_focus=True):
         self._end_pos: tuple[int, int] = (0, 0)
         self._pending_at: int | None = None  # token index the pending text is inserted before
         self._pending_text = ""
+        self._base_style: Style | None = None
+        self._style_cache: dict[tuple, Style] = {}
+        self._painted_lines = 0
 
     # ------------------------------------------------------------------ data in
     @property
@@ -164,8 +167,8 @@ class TokenView(ScrollView, can_focus=True):
             return
         start = len(self._items)
         self._add(pieces)
-        self._relayout(max(0, start - 1))
-        self._changed()
+        first = self._relayout(max(0, start - 1))
+        self._changed(first)
 
     def truncate(self, n_tokens: int) -> None:
         """Drop tokens from ``n_tokens`` on (and any rejected pieces after them)."""
@@ -208,7 +211,8 @@ class TokenView(ScrollView, can_focus=True):
     def _wrap_width(self) -> int:
         return max(4, self.scrollable_content_region.width or self.size.width or 80)
 
-    def _relayout(self, from_item: int) -> None:
+    def _relayout(self, from_item: int) -> int:
+        """Lay out again from the line holding ``from_item``; returns that line's index."""
         width = self._wrap_width()
         if width != self._width:
             self._width = width
@@ -231,6 +235,7 @@ class TokenView(ScrollView, can_focus=True):
         cur_first = start
         cur_cont = False
         pending_item = self._item_of_tok(self._pending_at) if self._pending_at is not None else -10
+        disp = self._disp
 
         def flush(next_item: int, cont: bool) -> None:
             nonlocal cur, col, cur_first, cur_cont
@@ -293,14 +298,32 @@ class TokenView(ScrollView, can_focus=True):
             if idx == n_items:
                 self._end_pos = place(END, " ", idx, False) or (len(lines), col)
                 break
-            pos = place(idx, self._disp[idx], idx, True)
+            text = disp[idx]
+            if "\n" not in text:  # fast path: most tokens simply fit on the line
+                w = cell_len(text)
+                if w and col + w <= width:
+                    item_pos.append((len(lines), col))
+                    cur.append((idx, text))
+                    col += w
+                    continue
+            pos = place(idx, text, idx, True)
             item_pos.append(pos if pos is not None else (len(lines), col))
         if cur or not lines:
             flush(n_items, False)
         self.virtual_size = Size(width, len(lines))
+        return line_no
 
-    def _changed(self) -> None:
-        self.refresh()
+    def _changed(self, from_line: int = 0) -> None:
+        """Repaint the visible lines from ``from_line`` down (all of them by default)."""
+        top = self.scroll_offset.y
+        height = self.scrollable_content_region.height
+        n_lines = len(self._lines)
+        if from_line <= top or not height or n_lines < self._painted_lines:
+            self.refresh()  # something above or a shrink: repaint everything visible
+        elif from_line < top + height:
+            bottom = min(top + height, n_lines)
+            self.refresh(Region(0, from_line - top, self.size.width, max(1, bottom - from_line)))
+        self._painted_lines = n_lines
 
     def on_resize(self, event: events.Resize) -> None:
         if self._wrap_width() != self._width:
@@ -313,23 +336,40 @@ class TokenView(ScrollView, can_focus=True):
         scroll_x, scroll_y = self.scroll_offset
         line_no = scroll_y + y
         width = self.scrollable_content_region.width
-        base = self.rich_style
+        base = self._base_style
+        if base is None:
+            base = self._base_style = self.rich_style
         if line_no >= len(self._lines):
             return Strip.blank(width, base)
         cursor_item = self._item_of_tok(self.cursor) if self.show_cursor else -10
         if cursor_item == len(self._items):
             cursor_item = END
         segments = []
-        cache: dict[int, Style] = {}
         for key, frag in self._lines[line_no]:
-            style = cache.get(key)
-            if style is None:
-                style = cache[key] = base + self._style_for(key, key == cursor_item)
+            style = self._cached_style(key, key == cursor_item, base)
             if frag == "\n":
                 frag = "\u21b5" if key == cursor_item else " "
             segments.append(Segment(frag, style))
         strip = Strip(segments)
         return strip.crop_extend(scroll_x, scroll_x + width, base)
+
+    def _cached_style(self, key: int, at_cursor: bool, base: Style) -> Style:
+        # styles depend on a few facts about the item only: cache the combined Style per kind
+        if key >= 0:
+            item = self._items[key]
+            struck = self._pending_at is not None and self._item_tok[key] >= self._pending_at
+            sig = (item.author, prob_bucket(item.logprob) if self.prob_colors else None, struck, at_cursor)
+        else:
+            sig = (key, None, False, at_cursor)
+        style = self._style_cache.get(sig)
+        if style is None:
+            style = self._style_cache[sig] = base + self._style_for(key, at_cursor)
+        return style
+
+    def notify_style_update(self) -> None:
+        self._base_style = None
+        self._style_cache = {}
+        super().notify_style_update()
 
     def _style_for(self, key: int, at_cursor: bool) -> Style:
         if key == PENDING:
