@@ -297,10 +297,12 @@ def run_app(ns: argparse.Namespace) -> int:
     from steer_tui.core.models import check_gguf
     from steer_tui.core.tasks import load_task_queue
 
+    from steer_tui.cli import CliError
+
     try:
         config = load_config()
     except ConfigError as exc:
-        raise StoreError(str(exc)) from None  # a user error the CLI prints as one line
+        raise CliError(str(exc)) from None  # a user error: the CLI prints it as one line
     if getattr(ns, "model", None):
         check_gguf(ns.model)
     if getattr(ns, "adapter", None):

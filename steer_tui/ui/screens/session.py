@@ -241,13 +241,11 @@ class SessionScreen(Screen[None]):
         if self.closed:  # the user left before it loaded
             self._close_session()
             return
+        for warning in getattr(self.session, "warnings", []) or []:
+            self.notify(str(warning), title="Model", severity="warning", timeout=10)
         self._refresh_all()
         engine = self.session.engine
-        name = getattr(engine, "name", "model")
-        adapter = getattr(engine, "adapter", None)
-        if adapter:
-            name += " + " + str(adapter.get("path", "adapter")).rsplit("/", 1)[-1]
-        self.status.model = name
+        self._show_model()
         self.status.ctx_limit = int(getattr(engine, "n_ctx", 0) or 0)
         self.status.save_state = "saved"
         ended = self._last_end()
@@ -752,11 +750,14 @@ class SessionScreen(Screen[None]):
             self.notify("Saved.", timeout=2)
 
     async def action_toggle_adapter(self) -> None:
+        """Switch the LoRA adapter on/off for the next continuation (compare base vs adapter
+        at a branch point: roll back, toggle, resample)."""
         if not await self._idle():
             return
         engine = self.session.engine
         toggle = getattr(engine, "set_adapter_enabled", None)
-        if toggle is None or not getattr(engine, "adapter", None):
+        loaded = getattr(engine, "loaded_adapter", None)
+        if toggle is None or not loaded:
             self.notify("No adapter loaded (start with --adapter LORA.gguf).", severity="warning")
             return
         enabled = not getattr(engine, "adapter_enabled", True)
@@ -766,8 +767,17 @@ class SessionScreen(Screen[None]):
             self._report_error(exc, "Adapter")
             return
         self.notify(f"Adapter {'on' if enabled else 'off'} for the next continuation.")
-        name = self.status.model.split(" + ")[0]
-        self.status.model = name + (" + " + str(engine.adapter.get("path", "")).rsplit("/", 1)[-1] if enabled else " (adapter off)")
+        self._show_model()
+
+    def _show_model(self) -> None:
+        engine = self.session.engine
+        name = str(getattr(engine, "name", "model"))
+        loaded = getattr(engine, "loaded_adapter", None) or getattr(engine, "adapter", None)
+        if loaded:
+            adapter = str(loaded.get("path", "adapter")).rsplit("/", 1)[-1]
+            on = getattr(engine, "adapter_enabled", True)
+            name += f" + {adapter}" if on else f" ({adapter} off)"
+        self.status.model = name
 
     def action_task(self, step: int) -> None:
         self.app.call_later(self.app.action_switch_task, step)
