@@ -63,8 +63,11 @@ def lora_state(peft_model) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]]
     return out, float(pc.lora_alpha), int(pc.r)
 
 
-def export_lora_gguf(peft_model, path: str | os.PathLike[str], *, arch: str | None = None) -> Path:
-    """Write ``path`` (llama.cpp LoRA GGUF) from a PEFT model; returns the path."""
+def export_lora_gguf(peft_model, path: str | os.PathLike[str], *, arch: str | None = None,
+                     permute_qk: bool = True) -> Path:
+    """Write ``path`` (llama.cpp LoRA GGUF) from a PEFT model; returns the path.
+
+    ``permute_qk=False`` skips the rotary row permutation (only for tests that show it matters)."""
     import gguf
 
     cfg = peft_model.get_base_model().config
@@ -92,7 +95,7 @@ def export_lora_gguf(peft_model, path: str | os.PathLike[str], *, arch: str | No
         if gg is None:
             raise ExportError(f"no llama.cpp tensor name for {hf_name!r} (architecture {arch!r})")
         b_np = b.numpy()
-        if arch in _PERMUTE_QK:
+        if permute_qk and arch in _PERMUTE_QK:
             if hf_name.endswith("q_proj.weight"):
                 b_np = _permute_rows(b_np, n_head)
             elif hf_name.endswith("k_proj.weight"):

@@ -419,7 +419,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "data": ds.summary(),
         "bad_files": ds.errors,
         "config": cfg.to_dict(),
-        "train": {"global_step": trainer.state.global_step, "train_loss": float(result.training_loss),
+        "train": {"global_step": trainer.state.global_step, "world_size": trainer.args.world_size, "train_loss": float(result.training_loss),
                   "seconds": round(train_s, 2), "steps_per_second": round(trainer.state.global_step / max(train_s, 1e-9), 4)},
         "history": trainer.history,
         "eval": evaluation,
