@@ -281,8 +281,11 @@ class SessionScreen(Screen[None]):
         msgs = prompt.get("messages") or []
         text = next((m["content"] for m in reversed(msgs) if m.get("role") == "user"), None) or prompt.get("text", "")
         line = Text(no_wrap=True, overflow="ellipsis")
-        line.append(" " + one_line(s.tree.title or s.tree.id, 40) + " ", style="bold reverse")
-        line.append(" ")
+        title = s.tree.title or s.tree.id
+        if not " ".join(text.split()).startswith(title.rstrip("…")):
+            line.append(" " + one_line(title, 40) + " ", style="bold reverse")
+            line.append(" ")
+        line.append("› ", style="bold")
         line.append(one_line(text, 300))
         self.query_one("#prompt-line", Static).update(line)
         self._update_status()
@@ -315,7 +318,10 @@ class SessionScreen(Screen[None]):
             t.append("streaming… space pauses", style="italic")
         elif i >= view.n_tokens:
             t.append(f" end of response ({view.n_tokens} tokens)", style="bold")
-            t.append("  enter: append text  tab: choose next token  space: continue")
+            if self._last_end() == "eos":
+                t.append("  the model ended here: enter/tab replace the end-of-turn token, r resamples, d accepts")
+            else:
+                t.append("  enter: append text  tab: choose the next token  space: continue")
         else:
             tok = self._token_info(i)
             t.append(f" #{i} ", style="bold")
