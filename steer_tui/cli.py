@@ -126,12 +126,13 @@ def cmd_list(ns: argparse.Namespace) -> int:
     if not tasks:
         print(f"no tasks in {store.tasks_dir}")
         return 0
-    print(f"{'TASK':40} {'UPDATED':20} {'STEERS':>6} {'TOKENS':>7}  TITLE")
+    w = max(4, *(len(t.id) for t in tasks))
+    print(f"{'TASK':{w}} {'UPDATED':20} {'STEERS':>6} {'TOKENS':>7}  TITLE")
     for t in tasks:
         if t.error:
-            print(f"{t.id:40} {'':20} {'':>6} {'':>7}  [unreadable] {visible(t.error, newlines=False)}")
+            print(f"{t.id:{w}} {'':20} {'':>6} {'':>7}  [unreadable] {visible(t.error, newlines=False)}")
             continue
-        print(f"{t.id:40} {t.updated_at:20} {t.n_steers:6d} {t.n_response_tokens:7d}  {visible(t.title, newlines=False)}")
+        print(f"{t.id:{w}} {t.updated_at:20} {t.n_steers:6d} {t.n_response_tokens:7d}  {visible(t.title, newlines=False)}")
     return 0
 
 
