@@ -83,11 +83,21 @@ class SessionFactory:
         )
 
     def open(self, task_id: str) -> Any:
+        """Open a saved task. If another live session holds it, open it read-only (to look
+        at, not to change) and say so in ``session.warnings``."""
         from steer_tui.core.session import Session
+        from steer_tui.core.store import TaskLocked
 
-        return Session.open(
-            store=self.store, task_id=task_id, model=self.engine(), read_only=self.read_only, annotator=self.annotator
-        )
+        try:
+            return Session.open(
+                store=self.store, task_id=task_id, model=self.engine(), read_only=self.read_only, annotator=self.annotator
+            )
+        except TaskLocked as exc:
+            session = Session.open(
+                store=self.store, task_id=task_id, model=self.engine(), read_only=True, annotator=self.annotator
+            )
+            session.warnings.append(f"{exc} — opened read-only here.")
+            return session
 
     def exists(self, task_id: str) -> bool:
         return self.store.exists(task_id)

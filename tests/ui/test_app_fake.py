@@ -384,3 +384,119 @@ async def test_tiny_terminal_does_not_crash(app_for, store):
     h = next(n for n in data["nodes"] if n["author"] == "human")
     assert h["kind"] == "correction" and h["text"] == "ok"
     assert nodes_by_id(data)[h["replaces"]]["end"] == "eos"
+
+
+async def test_context_full_is_a_notice_not_a_crash(store, config):
+    from steer_tui.core.fake_engine import FakeEngine
+
+    engine = FakeEngine([SCRIPTS[0] * 20], n_ctx=48)
+    factory = SessionFactory(store=store, engine=engine, sampling={"temperature": 0, "seed": 1, "max_tokens": 500})
+    app = make_app(session_factory=factory, config=config, prompt="go")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        scr = app.session_screen
+        assert scr.status.state == "context full"
+        assert any("context" in str(n.message).lower() for n in app._notifications)
+        assert scr.status.ctx_used == scr.status.ctx_limit == 48
+        await pilot.press("space")  # cannot continue: a notice, nothing breaks
+        await pilot.pause()
+        assert not scr.generating
+    data = read_task(store)
+    assert path_of(data, saved_end(data))[-1]["end"] == "context"
+
+
+async def test_model_load_failure_is_reported(store, config):
+    from steer_tui.core.engine import EngineError
+
+    def broken():
+        raise EngineError("model file '/x/broken.gguf' is not a GGUF file")
+
+    factory = SessionFactory(store=store, engine_loader=broken)
+    app = make_app(session_factory=factory, config=config, prompt="hi")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.session_screen.status.state == "error", what="error state")
+        assert any("broken.gguf" in str(n.message) for n in app._notifications)
+        await pilot.press("space", "enter", "t", "u", "d")  # no session: keys do nothing, no crash
+        await pilot.pause()
+        await pilot.press("ctrl+q")
+    assert app.return_value == 0
+
+
+async def test_locked_task_opens_read_only(app_for, store, fake_engine):
+    from steer_tui.core.session import Session
+
+    holder = Session.create(store=store, prompt="held", model=fake_engine, sampling={"temperature": 0, "seed": 1})
+    try:
+        app = app_for(task_id=holder.task_id)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_idle(pilot, app)
+            scr = app.session_screen
+            assert scr.session.read_only
+            assert any("another session" in str(n.message) and "read-only" in str(n.message) for n in app._notifications)
+            before = read_task(store, holder.task_id)
+            await pilot.press("enter", *"x", "enter", "d", "u", "r")  # refused with notices, no crash
+            await pilot.pause()
+            assert read_task(store, holder.task_id) == before
+    finally:
+        holder.close()
+
+
+async def test_quit_mid_stream_saves_and_releases(store, config):
+    engine = SlowFakeEngine(SCRIPTS, delay=0.03)
+    factory = SessionFactory(store=store, engine=engine, sampling={"temperature": 0, "seed": 1, "max_tokens": 200})
+    app = make_app(session_factory=factory, config=config, prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.session_screen and app.session_screen.view.n_tokens >= 4, what="tokens")
+        task_id = app.session_screen.session.task_id
+        await pilot.press("ctrl+q")
+    data = read_task(store)
+    last = path_of(data, saved_end(data))[-1]
+    assert last["end"] == "paused" and 4 <= len(last["tokens"]) < len(FRUITS)
+    from steer_tui.core.session import Session
+
+    with Session.open(store=store, task_id=task_id, model=engine) as s:  # the lock was released
+        assert s.response_text == data["nodes"][0]["text"]
+
+
+async def test_steer_key_while_streaming_pauses_first(store, config):
+    # a steering key pressed mid-stream pauses, then acts; late stream messages are ignored
+    engine = SlowFakeEngine(SCRIPTS, delay=0.03)
+    factory = SessionFactory(store=store, engine=engine, sampling={"temperature": 0, "seed": 1, "max_tokens": 200})
+    app = make_app(session_factory=factory, config=config, prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.session_screen and app.session_screen.view.n_tokens >= 6, what="tokens")
+        scr = app.session_screen
+        await pilot.press("r")  # resample at the cursor (the end while streaming)
+        await wait_idle(pilot, app, timeout=20)
+        assert scr.view.text() == scr.session.response_text
+        data = read_task(store)
+        assert saved_response_text(data) == scr.view.text()
+        roots = [n for n in data["nodes"] if n["parent"] is None]
+        assert len(roots) == 1 and roots[0]["end"] == "paused"
+        assert [n["parent"] for n in data["nodes"][1:]] == [roots[0]["id"]]  # resampled after it
+
+
+async def test_mouse_click_moves_cursor(app_for, store):
+    app = app_for(prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        view = app.session_screen.view
+        await pilot.click("#tokens", offset=(1 + 3, 1))  # padding 1: the 4th cell of line 2
+        assert view.token_text(view.cursor) == "B"
+
+
+async def test_page_keys_move_the_cursor(store, config):
+    from steer_tui.core.fake_engine import FakeEngine
+
+    engine = FakeEngine(["line of text\n" * 60])
+    factory = SessionFactory(store=store, engine=engine, sampling={"temperature": 0, "seed": 1, "max_tokens": 800})
+    app = make_app(session_factory=factory, config=config, prompt="lines")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        view = app.session_screen.view
+        await pilot.press("home", "pagedown")
+        line, _ = view.cursor_position()
+        assert line >= 10
+        assert view.scroll_offset.y <= line < view.scroll_offset.y + view.scrollable_content_region.height
+        await pilot.press("pageup")
+        assert view.cursor_position()[0] == 0

@@ -434,6 +434,8 @@ class SessionScreen(Screen[None]):
             post(self.StreamEnded(gen, getattr(session, "last_end", None), exc))
 
     def on_session_screen_streamed(self, event: Streamed) -> None:
+        if event.gen != self._gen:
+            return  # a batch from a stream that pause() already settled: the view has it
         view = self.view
         at_end = view.scroll_offset.y >= view.max_scroll_y - 1
         view.append([Piece(t.text, "model", t.logprob) for t in event.tokens])
@@ -447,6 +449,10 @@ class SessionScreen(Screen[None]):
         self.status.ctx_used = len(self.session.tree.prompt_tokens) + view.n_tokens
 
     def on_session_screen_stream_ended(self, event: StreamEnded) -> None:
+        if event.gen != self._gen:
+            if event.error is not None:
+                self._report_error(event.error, "Generation stopped")
+            return
         self._worker = None
         self._invalidate()
         if event.error is not None:
@@ -479,9 +485,11 @@ class SessionScreen(Screen[None]):
             await worker.wait()
         except Exception:
             pass
-        # the StreamEnded message may still be queued; process its effects now
+        # its last Streamed/StreamEnded messages may still be queued: settle now from the
+        # session (the truth) and make those messages stale
         if self._worker is worker:
             self._worker = None
+            self._gen += 1
             self._invalidate()
             self._refresh_all(self.view.n_tokens)
             self._set_paused_state()
