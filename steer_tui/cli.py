@@ -213,8 +213,9 @@ def run_command(ns: argparse.Namespace) -> int:
     user_errors: tuple[type[BaseException], ...] = (CliError, StoreError, TreeError, ModelNotFound, TaskQueueError)
     try:
         from steer_tui.core.engine import EngineError
+        from steer_tui.core.session import SessionError
 
-        user_errors += (EngineError,)
+        user_errors += (EngineError, SessionError)
     except ImportError:  # pragma: no cover - during bootstrap
         pass
     try:

@@ -160,6 +160,18 @@ def export(
     report = ExportReport(skipped=errors)
     out_p = Path(out)
     tmp = out_p.with_name(f".{out_p.name}.tmp")
+    try:
+        _write_rows(fmt, sources, out_p, tmp, report, errors, detok, rejected_tokens)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise StoreError(f"--out {out_p}: cannot write: {exc.strerror or exc}") from None
+    return report
+
+
+def _write_rows(fmt, sources, out_p: Path, tmp: Path, report: ExportReport, errors: list[str], detok, rejected_tokens) -> None:
     out_p.parent.mkdir(parents=True, exist_ok=True)
     with tmp.open("w", encoding="utf-8") as fh:
         for tree in iter_trees(sources, errors):
@@ -178,7 +190,6 @@ def export(
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, out_p)
-    return report
 
 
 def default_sources(store: Store) -> list[Path]:
