@@ -500,3 +500,21 @@ async def test_page_keys_move_the_cursor(store, config):
         assert view.scroll_offset.y <= line < view.scroll_offset.y + view.scrollable_content_region.height
         await pilot.press("pageup")
         assert view.cursor_position()[0] == 0
+
+
+async def test_command_palette_runs_session_actions(app_for, store):
+    app = app_for(prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Mark path done")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: read_task(store)["accepted"] != [], what="accept via the palette")
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Tree view")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, TreeScreen), what="tree view via the palette")
