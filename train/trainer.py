@@ -246,7 +246,7 @@ class SteerTrainer(Trainer):
         if bad.item() > 0:
             last = self._last_checkpoint()
             raise NonFiniteLoss(
-                f"loss became {float(loss)} at step {self.state.global_step}; stopping. "
+                f"loss became {float(loss.detach())} at step {self.state.global_step}; stopping. "
                 + (f"The last good checkpoint is {last}." if last else "No checkpoint was written yet.")
                 + " Try a lower --lr or --beta, or fp32."
             )

@@ -114,3 +114,54 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "--lr" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--data", str(data), "--objective", "ppo"])
+
+
+def test_non_finite_loss_stops_and_names_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    from train.cli import main
+    from train.trainer import SteerTrainer
+
+    real = SteerTrainer.loss_terms
+
+    def poisoned(self, *a, **kw):
+        out = real(self, *a, **kw)
+        if self.state.global_step >= 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(SteerTrainer, "loss_terms", poisoned)
+    data = write_trees(tmp_path / "trees", n_tasks=3)
+    out = tmp_path / "out"
+    rc = main(["--data", str(data), "--out", str(out), "--model", save_tiny_model(tmp_path / "tiny"),
+               "--max-steps", "5", "--save-steps", "2", "--batch-size", "1", "--eval-fraction", "0",
+               "--no-progress", "-q", "--no-gguf"])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "loss became nan at step 2" in err and "checkpoint-2" in err
+    assert (out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert not (out / "adapter_model.safetensors").exists()  # no final adapter from a broken run
+
+
+def test_eval_command_before_and_after(tmp_path, capsys):
+    from train.cli import main
+
+    data = write_trees(tmp_path / "trees", n_tasks=3)
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "out"
+    assert main(["--data", str(data), "--out", str(out), "--model", model_dir, "--max-steps", "6", "--lr", "1e-2",
+                 "--eval-fraction", "0", "--no-progress", "-q", "--no-gguf"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--data", str(data), "--model", model_dir, "--adapter", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["before"]["steers"] == 9 and res["before"]["reward_margin"] == 0
+    assert res["after"]["reward_margin"] > 0
+    assert main(["eval", "--data", str(data), "--model", model_dir, "--adapter", str(tmp_path)]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_data_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, train.data, train.config; bad = [m for m in ('torch', 'transformers', 'textual') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
