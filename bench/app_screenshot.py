@@ -35,7 +35,7 @@ async def run(out: Path) -> None:
             while True:
                 await pilot.pause(0.05)
                 scr = app.session_screen
-                if scr and scr.session is not None and not scr.generating and scr.status.state != "loading":
+                if scr and scr.session is not None and not scr.generating and not scr.steering and scr.status.state not in ("loading", "steering"):
                     return
 
         await idle()

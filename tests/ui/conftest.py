@@ -73,7 +73,13 @@ async def wait_idle(pilot, app, timeout: float = 10.0) -> None:
     while time.monotonic() < deadline:
         await pilot.pause(0.02)
         scr = app.session_screen
-        if scr is not None and scr.session is not None and not scr.generating and scr.status.state not in ("loading", "streaming"):
+        if (
+            scr is not None
+            and scr.session is not None
+            and not scr.generating
+            and not scr.steering
+            and scr.status.state not in ("loading", "streaming", "steering")
+        ):
             await pilot.pause()
             return
     raise AssertionError(f"app did not become idle in {timeout}s (state {app.session_screen and app.session_screen.status.state!r})")

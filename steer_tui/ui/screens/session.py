@@ -194,6 +194,7 @@ class SessionScreen(Screen[None]):
         self._edit_at: int | None = None
         self._save_failed = False
         self._path: PathView | None = None
+        self._steer_worker: Worker | None = None
         self.closed = False
 
     # ------------------------------------------------------------------ layout
@@ -500,9 +501,56 @@ class SessionScreen(Screen[None]):
             return False
         if self.generating:
             await self.pause()
+        if self.steering:
+            return False  # a steer is being applied; generation resumes right after
         if self._edit_at is not None:
             return False
         return True
+
+    # ------------------------------------------------------------------ steering (off the UI thread)
+    class SteerDone(Message):
+        """A steer (rollback + correct/pick/resample) finished in its worker."""
+
+        def __init__(self, error: BaseException | None, title: str, at: int) -> None:
+            super().__init__()
+            self.error = error
+            self.title = title
+            self.at = at
+
+    def _steer(self, fn: Callable[[], None], title: str, at: int) -> None:
+        """Run a session mutation that evaluates tokens (a correction is scored by the
+        engine) in a thread worker, then resume generation. The UI stays responsive."""
+        self.status.state = "steering"
+        self._steer_worker = self._steer_in_thread(fn, title, at)
+
+    @work(thread=True, exclusive=True, group="steer")
+    def _steer_in_thread(self, fn: Callable[[], None], title: str, at: int) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            self.post_message(self.SteerDone(exc, title, at))
+            return
+        self.post_message(self.SteerDone(None, title, at))
+
+    def on_session_screen_steer_done(self, event: SteerDone) -> None:
+        self._steer_worker = None
+        if self.session is None:
+            return
+        if event.error is not None:
+            self._invalidate()
+            self._refresh_all(event.at)
+            self._report_error(event.error, event.title)
+            self._save()  # a rollback before the error may have changed the tree
+            self._set_paused_state()
+            return
+        self._after_change()
+        if not self.closed:
+            self.start_generation()
+
+    @property
+    def steering(self) -> bool:
+        w = self._steer_worker
+        return w is not None and w.state in (WorkerState.PENDING, WorkerState.RUNNING)
 
     # ------------------------------------------------------------------ actions
     async def action_toggle_pause(self) -> None:
@@ -576,18 +624,14 @@ class SessionScreen(Screen[None]):
             return
         s = self.session
         self._close_editor()
-        try:
-            if at < self.view.n_tokens:
+        cut = at < self.view.n_tokens
+
+        def steer() -> None:
+            if cut:
                 s.rollback(at)
             s.correct(text)
-        except Exception as exc:
-            self._invalidate()
-            self._refresh_all(at)
-            self._report_error(exc, "Correction failed")
-            self._set_paused_state()
-            return
-        self._after_change()
-        self.start_generation()
+
+        self._steer(steer, "Correction failed", at)
 
     async def action_alternatives(self) -> None:
         if not await self._idle():
@@ -625,17 +669,14 @@ class SessionScreen(Screen[None]):
         if choice == current:
             self.notify("That is the token already there.")
             return
-        try:
-            if at < self.view.n_tokens:
+        cut = at < self.view.n_tokens
+
+        def steer() -> None:
+            if cut:
                 s.rollback(at)
             s.pick(choice)
-        except Exception as exc:
-            self._invalidate()
-            self._refresh_all(at)
-            self._report_error(exc, "Pick failed")
-            return
-        self._after_change()
-        self.start_generation()
+
+        self._steer(steer, "Pick failed", at)
 
     def _decode(self, token_id: int) -> str:
         engine = self.session.engine
@@ -649,15 +690,14 @@ class SessionScreen(Screen[None]):
             return
         s = self.session
         at = self.view.cursor
-        try:
-            if at < self.view.n_tokens:
+        cut = at < self.view.n_tokens
+
+        def steer() -> None:
+            if cut:
                 s.rollback(at)
             s.resample()
-        except Exception as exc:
-            self._report_error(exc, "Resample failed")
-            return
-        self._after_change()
-        self.start_generation()
+
+        self._steer(steer, "Resample failed", at)
 
     async def action_branch(self, step: int) -> None:
         if not await self._idle():
@@ -803,6 +843,12 @@ class SessionScreen(Screen[None]):
     async def shutdown(self) -> None:
         """Stop generating, save, release the task lock."""
         self.closed = True
+        worker = self._steer_worker
+        if worker is not None:
+            try:
+                await worker.wait()
+            except Exception:
+                pass
         await self.pause()
         if self.session is not None:
             self._save()
