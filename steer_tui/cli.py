@@ -126,13 +126,16 @@ def cmd_list(ns: argparse.Namespace) -> int:
     if not tasks:
         print(f"no tasks in {store.tasks_dir}")
         return 0
-    w = max(4, *(len(t.id) for t in tasks))
+    def v(x: str) -> str:  # ids, dates and titles come from files: show them inertly
+        return visible(str(x), newlines=False, tabs=False)
+
+    w = max(4, *(len(v(t.id)) for t in tasks))
     print(f"{'TASK':{w}} {'UPDATED':20} {'STEERS':>6} {'TOKENS':>7}  TITLE")
     for t in tasks:
         if t.error:
-            print(f"{t.id:{w}} {'':20} {'':>6} {'':>7}  [unreadable] {visible(t.error, newlines=False)}")
+            print(f"{v(t.id):{w}} {'':20} {'':>6} {'':>7}  [unreadable] {v(t.error)}")
             continue
-        print(f"{t.id:{w}} {t.updated_at:20} {t.n_steers:6d} {t.n_response_tokens:7d}  {visible(t.title, newlines=False)}")
+        print(f"{v(t.id):{w}} {v(t.updated_at):20} {t.n_steers:6d} {t.n_response_tokens:7d}  {v(t.title)}")
     return 0
 
 
@@ -155,6 +158,7 @@ def cmd_show(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     from steer_tui.core.export import export, iter_trees, llama_detokenizer
     from steer_tui.core.models import check_gguf
+    from steer_tui.core.safe_text import visible
 
     sources = ns.sources or [_store(ns).tasks_dir]
     for s in sources:
@@ -174,7 +178,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
             print("steer-tui: no model vocabulary found; rejected text is the whole replaced node (pass --model)", file=sys.stderr)
     report = export(ns.format, sources, ns.out, detok=detok, rejected_tokens=ns.rejected_tokens)
     for err in report.skipped or []:
-        print(f"steer-tui: skipped {err}", file=sys.stderr)
+        print(f"steer-tui: skipped {visible(err)}", file=sys.stderr)
     print(f"wrote {report.rows} {ns.format} rows from {report.trees} tasks to {ns.out}")
     return 0
 
@@ -213,15 +217,18 @@ def run_command(ns: argparse.Namespace) -> int:
     user_errors: tuple[type[BaseException], ...] = (CliError, StoreError, TreeError, ModelNotFound, TaskQueueError)
     try:
         from steer_tui.core.engine import EngineError
+        from steer_tui.core.auto import RuleError
         from steer_tui.core.session import SessionError
 
-        user_errors += (EngineError, SessionError)
+        user_errors += (EngineError, SessionError, RuleError)
     except ImportError:  # pragma: no cover - during bootstrap
         pass
     try:
         return COMMANDS[ns.command](ns)
     except user_errors as exc:
-        print(f"steer-tui: {exc}", file=sys.stderr)
+        from steer_tui.core.safe_text import visible
+
+        print(f"steer-tui: {visible(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

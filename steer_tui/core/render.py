@@ -35,7 +35,7 @@ def _label(tree: SteerTree, n: Node, replaced_by: dict[str, str], discarded: set
     if n.adapter:
         marks.append("adapter")
     extra = f"  ({'; '.join(marks)})" if marks else ""
-    return f"{n.id} {tag} {len(n.tokens)} tok{extra}"
+    return visible(f"{n.id} {tag} {len(n.tokens)} tok{extra}", newlines=False, tabs=False)
 
 
 def render_tree(tree: SteerTree, width: int = 100) -> str:
@@ -45,7 +45,7 @@ def render_tree(tree: SteerTree, width: int = 100) -> str:
     accepted = set(tree.accepted)
     model = tree.model.get("name") or tree.model.get("path") or "?"
     lines = [
-        f"task {tree.id}: {_clip(tree.title, width)}",
+        f"task {visible(tree.id, newlines=False, tabs=False)}: {_clip(tree.title, width)}",
         f"model {visible(str(model), newlines=False)}"
         + (f" + adapter {visible(str(tree.model['adapter'].get('path')), newlines=False)}" if tree.model.get("adapter") else ""),
         f"{len(tree.nodes)} nodes, {len(steers)} steers, {len(tree.accepted)} accepted, {len(tree.discarded)} discarded",

@@ -444,8 +444,13 @@ def _parse_tree(data: Any, source: str) -> SteerTree:
                 raise fail(f"{where} has token id {t} outside the vocabulary (n_vocab={n_vocab})", "token id < n_vocab", node)
         return list(ids)
 
+    adapter0 = model.get("adapter")
+    if adapter0 is not None and not isinstance(adapter0, dict):
+        raise fail(f"model.adapter is {adapter0!r}, expected an object or null", "model.adapter")
     prompt = data["prompt"]
     check_ids(prompt.get("tokens", []), "prompt.tokens", None)
+    if not isinstance(prompt.get("text", ""), str):
+        raise fail("prompt.text must be a string", "prompt.text")
 
     nodes: list[Node] = []
     seen: dict[str, Node] = {}

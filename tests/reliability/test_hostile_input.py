@@ -448,3 +448,19 @@ def test_task_queue_bad_lines_are_reported_by_number_rest_used(tmp_path):
         assert f"{p}:{lineno}:" in proc.stderr, (lineno, proc.stderr)
     assert f"{p}:1:" not in proc.stderr and f"{p}:11:" not in proc.stderr
     assert "\x1b" not in proc.stderr
+
+
+def test_bad_rules_files_are_clear_errors(tmp_path):
+    tasks = _write(tmp_path, "tasks.jsonl", '{"prompt": "hi"}\n')
+    cases = {
+        "missing.toml": None,
+        "bad.toml": "[[rule]\nname = ",
+        "regex.toml": '[[rule]]\nname = "x"\npattern = "(unclosed"\naction = "stop"\n',
+        "action.toml": '[[rule]]\nname = "x"\npattern = "a"\naction = "explode"\n',
+    }
+    for name, text in cases.items():
+        p = tmp_path / name
+        if text is not None:
+            p.write_text(text, encoding="utf-8")
+        proc = run_cli("auto", "--dry-run", "--rules", str(p), "--tasks", str(tasks), "--max-tokens", "2", "--store", str(tmp_path / "s"))
+        assert_user_error(proc, str(p))
