@@ -377,8 +377,12 @@ async def test_tiny_terminal_does_not_crash(app_for, store):
         await pilot.press("escape", "question_mark")
         await pilot.pause()
         await pilot.press("escape")
-        await pilot.resize_terminal(80, 24) if hasattr(pilot, "resize_terminal") else None
-        await pilot.pause()
+        view = app.session_screen.view
+        narrow = view.line_count()
+        await pilot.resize_terminal(80, 24)  # grow: the text is wrapped again, to the new width
+        await pilot.pause(0.1)
+        assert view.line_count() < narrow
+        assert max(len(line) for line in view.visible_lines()) <= view.scrollable_content_region.width
     data = read_task(store)
     # at the end after an EOS, a correction replaces the EOS token
     h = next(n for n in data["nodes"] if n["author"] == "human")
