@@ -460,6 +460,18 @@ async def test_quit_mid_stream_saves_and_releases(store, config):
 
     with Session.open(store=store, task_id=task_id, model=engine) as s:  # the lock was released
         assert s.response_text == data["nodes"][0]["text"]
+    # reopened in the app it waits, paused where it stopped; space continues the same node
+    engine.delay = 0
+    app2 = make_app(session_factory=factory, config=config, task_id=task_id)
+    async with app2.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app2)
+        scr = app2.session_screen
+        assert scr.status.state == "paused" and scr.view.text() == data["nodes"][0]["text"]
+        await pilot.press("space")
+        await wait_idle(pilot, app2)
+        assert scr.status.state == "ended (eos)"
+    data = read_task(store)
+    assert len(data["nodes"]) == 1 and data["nodes"][0]["text"].startswith(FRUITS)
 
 
 async def test_steer_key_while_streaming_pauses_first(store, config):

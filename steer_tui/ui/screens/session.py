@@ -249,8 +249,10 @@ class SessionScreen(Screen[None]):
         self._show_model()
         self.status.ctx_limit = int(getattr(engine, "n_ctx", 0) or 0)
         self.status.save_state = "saved"
-        ended = self._last_end()
-        if self.autostart and ended not in ("eos", "context", "length") and not getattr(self.session, "read_only", False):
+        # a new task starts streaming at once; a reopened one waits where it stopped (it
+        # was paused for a reason): space continues
+        fresh = self.session.end is None and not self.session.tree.nodes
+        if self.autostart and fresh and not getattr(self.session, "read_only", False):
             self.start_generation()
         else:
             self._set_paused_state()
@@ -689,7 +691,7 @@ class SessionScreen(Screen[None]):
         if not await self._idle():
             return
         s = self.session
-        at = self.view.cursor
+        at = self._steer_point(self.view.cursor)
         cut = at < self.view.n_tokens
 
         def steer() -> None:
