@@ -18,7 +18,7 @@ from textual.app import App, SystemCommand
 from textual.screen import Screen
 
 from steer_tui.core.store import Store, StoreError
-from steer_tui.ui.config import ConfigError, UIConfig, load_config
+from steer_tui.ui.config import ConfigError, UIConfig, default_config_path, load_config
 from steer_tui.ui.keys import APP_KEYS, SESSION_KEYS, bindings
 from steer_tui.ui.screens.help import HelpScreen, key_label
 from steer_tui.ui.screens.picker import NewTask, PickerScreen
@@ -245,8 +245,7 @@ class SteerApp(App[int]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            path = self.config.path
-            self.push_screen(HelpScreen(str(path) if path else None))
+            self.push_screen(HelpScreen(str(self.config.path or default_config_path())))
 
     async def action_quit(self) -> None:
         current = self.session_screen

@@ -58,5 +58,6 @@ def test_snapshot_stats(snap_compare, tmp_path):
     assert snap_compare(build(tmp_path), run_before=steered("s"))
 
 
-def test_snapshot_help(snap_compare, tmp_path):
+def test_snapshot_help(snap_compare, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEER_CONFIG", "/home/you/.config/steer-tui/config.toml")  # shown on screen
     assert snap_compare(build(tmp_path), run_before=steered("question_mark"))
