@@ -188,38 +188,32 @@ def _first_fit(items: list[tuple[list[int], int]], budget: int) -> list[list[lis
     return rows
 
 
-def _emit_row(groups: list[list[int]], seqs: list[np.ndarray], seq_nodes: dict[int, np.ndarray]):
-    """Lay the tries of one row out in DFS order; record each sequence's node indices."""
+def _emit_row(members: list[int], seqs: list[np.ndarray], seq_nodes: dict[int, np.ndarray]) -> PackedRow:
+    """Lay the sequences of one row (sorted lexicographically) out as a trie forest in DFS
+    order; record each sequence's node indices in `seq_nodes`."""
+    shared_with_prev = [0] + [_lcp(seqs[b], seqs[a]) for a, b in zip(members, members[1:])]
+    total = sum(len(seqs[i]) - k for i, k in zip(members, shared_with_prev))
     tokens: list[np.ndarray] = []
     depth: list[np.ndarray] = []
     parent: list[np.ndarray] = []
-    total = sum(
-        len(seqs[g[0]]) + sum(len(seqs[b]) - _lcp(seqs[b], seqs[a]) for a, b in zip(g, g[1:]))
-        for g in groups
-    )
     end = np.full(total, total, dtype=np.int64)
+    prev_nodes = np.zeros(0, dtype=np.int64)
     cur = 0
-    for group in groups:
-        prev_nodes = np.zeros(0, dtype=np.int64)
-        prev_seq = None
-        for i in group:
-            s = seqs[i]
-            shared = _lcp(s, seqs[prev_seq]) if prev_seq is not None else 0
-            # Nodes of the previous path deeper than the shared prefix are closed here.
-            end[prev_nodes[shared:]] = cur
-            n_new = len(s) - shared
-            new_nodes = np.arange(cur, cur + n_new, dtype=np.int64)
-            if n_new:
-                tokens.append(s[shared:])
-                depth.append(np.arange(shared, len(s), dtype=np.int64))
-                first_parent = prev_nodes[shared - 1] if shared else -1
-                parent.append(np.concatenate(([first_parent], new_nodes[:-1])))
-            nodes = np.concatenate((prev_nodes[:shared], new_nodes))
-            seq_nodes[i] = nodes
-            prev_nodes, prev_seq = nodes, i
-            cur += n_new
-        end[prev_nodes] = cur  # close the trie
-    assert cur == total
+    for i, shared in zip(members, shared_with_prev):
+        s = seqs[i]
+        # Nodes of the previous path deeper than the shared prefix end their subtree here.
+        end[prev_nodes[shared:]] = cur
+        n_new = len(s) - shared
+        new_nodes = np.arange(cur, cur + n_new, dtype=np.int64)
+        if n_new:
+            tokens.append(s[shared:])
+            depth.append(np.arange(shared, len(s), dtype=np.int64))
+            first_parent = prev_nodes[shared - 1] if shared else -1
+            parent.append(np.concatenate(([first_parent], new_nodes[:-1])))
+        nodes = np.concatenate((prev_nodes[:shared], new_nodes))
+        seq_nodes[i] = nodes
+        prev_nodes = nodes
+        cur += n_new
     tok = np.concatenate(tokens)
     par = np.concatenate(parent)
     child = np.flatnonzero(par >= 0)
@@ -242,13 +236,16 @@ def plan_packing(
         return _plan_linear(seqs, live, counts, token_budget)
 
     order = sorted(live, key=lambda i: seqs[i].tolist())
+    rank = {i: r for r, i in enumerate(order)}
     rows_members = _first_fit(_chunks(order, seqs, token_budget), token_budget)
     rows: list[PackedRow] = []
     index_parts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(seqs)
     offset = 0
     for groups in rows_members:
         seq_nodes: dict[int, np.ndarray] = {}
-        row = _emit_row(groups, seqs, seq_nodes)
+        # One trie forest per row: chunks of one split trie that share a row share again.
+        members = sorted((i for g in groups for i in g), key=rank.__getitem__)
+        row = _emit_row(members, seqs, seq_nodes)
         # slot of each node among the row's children (its place in the row's log-prob vector)
         slot = np.full(len(row), -1, dtype=np.int64)
         slot[row.child] = np.arange(len(row.child)) + offset

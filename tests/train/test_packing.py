@@ -220,9 +220,9 @@ def _check_plan(seqs, budget):
         mask = ancestor_mask(torch.from_numpy(row.end), torch.float32)[0, 0] == 0
         assert mask.shape == (n, n)
         assert (mask.numpy() == _brute_ancestors(row.parent)).all()
-        # a trie: siblings have different tokens (roots may repeat: chunks of a split trie)
-        pairs = set(zip(row.parent[nonroot].tolist(), row.tokens[nonroot].tolist()))
-        assert len(pairs) == int(nonroot.sum())
+        # a trie forest: siblings (and roots) have different tokens
+        pairs = set(zip(row.parent.tolist(), row.tokens.tolist()))
+        assert len(pairs) == n
         flat_rows.append(row)
     # each sequence reads its own tokens: follow seq_index back to nodes
     offsets = np.cumsum([0] + [len(r.child) for r in flat_rows])
