@@ -3,7 +3,7 @@
 Only the project's own errors may escape: TreeError/StoreError from the loader, the
 SessionError family (``steer_tui.core.session.SessionErrors``) from a Session. Whatever the
 loader accepts, everything downstream (show, list, export rows, steers) handles it.
-``STEER_FUZZ_EXAMPLES`` scales the number of examples (default 200 / 60).
+``STEER_FUZZ_EXAMPLES`` scales the number of examples (default 100).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from steer_tui.core.tree import SteerTree, TreeError
 
 from .conftest import build_session
 
-N = int(os.environ.get("STEER_FUZZ_EXAMPLES", "200"))
+N = int(os.environ.get("STEER_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(max_examples=N, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 scalars = st.one_of(

@@ -464,3 +464,22 @@ def test_bad_rules_files_are_clear_errors(tmp_path):
             p.write_text(text, encoding="utf-8")
         proc = run_cli("auto", "--dry-run", "--rules", str(p), "--tasks", str(tasks), "--max-tokens", "2", "--store", str(tmp_path / "s"))
         assert_user_error(proc, str(p))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a rollback inside the human's own correction splits it; the new correction is an 'append' that "
+    "replaces nothing, so the superseded human tail stays live and SFT export still trains on the text "
+    "the human replaced (core session.py: discard or mark the cut human tail; lead: export)"
+))
+def test_revised_correction_is_not_trained_on(tmp_path):
+    from steer_tui.core.export import sft_rows
+
+    s = Session.create(store=tmp_path, prompt="fruits", model=FakeEngine(), sampling={"temperature": 0, "seed": 1}, task_id="rev")
+    list(s.generate(max_tokens=12))
+    s.rollback(5)
+    s.correct(" Kiwi and Lime")
+    s.rollback(5 + 5)  # inside the correction, after " Kiwi"
+    s.correct(" and Plum")
+    s.close()
+    completions = [r["completion"] for r in sft_rows(load_tree(Store(tmp_path).task_path("rev")))]
+    assert not any("Lime" in c for c in completions), completions
