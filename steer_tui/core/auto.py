@@ -316,6 +316,7 @@ def view_top(session: Any) -> list[tuple[int, float]] | None:
 @dataclass
 class AutoReport:
     samples: list[SampleReport] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # tasks that could not start, with why
 
     @property
     def steers(self) -> int:
@@ -342,6 +343,7 @@ class AutoReport:
             "steers_per_1k_tokens": round(self.steer_rate, 3),
             "by_rule": by_rule,
             "gave_up": sum(1 for s in self.samples if s.end == "gave-up"),
+            "skipped_tasks": len(self.skipped),
         }
 
 
@@ -359,7 +361,7 @@ def run_auto(
 ) -> AutoReport:
     """Steer every task ``samples`` times with ``rules`` on one loaded engine. With
     ``dry_run`` the trees go to a temporary store that is deleted afterwards."""
-    from steer_tui.core.session import Session
+    from steer_tui.core.session import Session, SessionError
     from steer_tui.core.store import Store
 
     report = AutoReport()
@@ -378,7 +380,12 @@ def run_auto(
                     kw["messages"] = spec.messages
                 else:
                     kw["prompt"] = spec.prompt
-                with Session.create(**kw) as session:
+                try:
+                    session = Session.create(**kw)
+                except SessionError as exc:  # e.g. a prompt longer than the context
+                    report.skipped.append(f"{spec.id or title}: {exc}")
+                    break  # every sample of this task would fail the same way
+                with session:
                     rep = steer_sample(session, rules, max_tokens=max_tokens, on_event=on_event)
                 report.samples.append(rep)
     finally:
@@ -417,6 +424,8 @@ def run_auto_cli(ns: argparse.Namespace) -> int:
         if close:
             close()
     summary = report.summary()
+    for msg in report.skipped:
+        print(f"steer-tui: skipped task {msg}", file=sys.stderr)
     for s in report.samples:
         for m in s.messages:
             print(f"steer-tui: {s.task}: {m}", file=sys.stderr)

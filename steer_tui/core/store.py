@@ -211,6 +211,7 @@ class TaskLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
+        _remove_stale_temp_files(self.path.parent, self.task_id)
         return self
 
     @property
@@ -238,6 +239,34 @@ class TaskLock:
             self.release()
         except Exception:
             pass
+
+
+def _remove_stale_temp_files(directory: Path, task_id: str) -> None:
+    """Delete temp files that a killed writer of this task left behind (``save_tree``
+    names them ``.<id>.json.<pid>.<rand>.tmp``). We hold the task's lock, so no live writer
+    of this task can be using one; a file of a pid that is still alive (and is not us) is
+    kept anyway, in case it writes without the lock."""
+    for tmp in directory.glob(f".{task_id}.json.*.tmp"):
+        try:
+            pid = int(tmp.name[len(task_id) + 7 :].split(".")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _read_holder(fd: int) -> dict[str, Any]:

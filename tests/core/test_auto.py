@@ -223,3 +223,12 @@ def test_run_auto_writes_trees_and_dry_run_writes_nothing(tmp_path):
     s = dry.summary()
     assert s["steers_per_1k_tokens"] == round(1000 * s["steers"] / s["model_tokens"], 3)
     json.dumps(s)
+
+
+def test_a_prompt_longer_than_the_context_is_skipped_and_the_rest_run(tmp_path):
+    eng = FakeEngine(SCRIPTS, noise=0.2, n_ctx=64)
+    tasks = [TaskSpec(prompt="x" * 500, id="too-long"), TaskSpec(prompt="Fruit?")]
+    rep = run_auto(rules=[rule("fruit", "Banana", "replace", "Kiwi")], tasks=tasks, store=Store(tmp_path), engine=eng, max_tokens=30, sampling=GREEDY)
+    assert len(rep.samples) == 1
+    assert len(rep.skipped) == 1 and rep.skipped[0].startswith("too-long: ") and "context" in rep.skipped[0]
+    assert rep.summary()["skipped_tasks"] == 1

@@ -209,3 +209,18 @@ def test_kill_during_saves_leaves_a_loadable_file(tmp_path):
         tree = load_tree(path)
         assert len(tree.nodes) >= done[-1]
         path.unlink()
+
+
+def test_taking_the_lock_removes_temp_files_of_dead_writers(tmp_path):
+    s = Store(tmp_path)
+    s.save(sample_tree())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = s.tasks_dir / f".t1.json.{dead}.abcd1234.tmp"
+    alive = s.tasks_dir / f".t1.json.{os.getppid()}.abcd1234.tmp"
+    other = s.tasks_dir / f".t2.json.{dead}.abcd1234.tmp"
+    for p in (stale, alive, other):
+        p.write_text("{partial")
+    s.lock("t1").release()
+    assert not stale.exists()
+    assert alive.exists() and other.exists()  # a live pid's file, and another task's, stay
+    assert s.load("t1").id == "t1"
