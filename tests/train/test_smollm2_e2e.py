@@ -125,4 +125,4 @@ def test_adapter_gguf_matches_peft_in_llama_cpp(trained, model_path, tmp_path):
         g = export_lora_gguf(peft_model, tmp_path / f"qk-{permute}.gguf", permute_qk=permute)
         d = (_next_logprobs_cpp(model_path, ids, g) - cpp_base)[top]
         print(f"q/k only, permute={permute}: delta_err={np.abs(d_qk - d).max():.3f}")
-        assert (np.abs(d_qk - d).max() <= 2 * base_gap) is ok
+        assert bool(np.abs(d_qk - d).max() <= 2 * base_gap) is ok
