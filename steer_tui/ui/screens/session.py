@@ -38,6 +38,7 @@ from steer_tui.ui.widgets.status import CursorInfo, StatusBar
 from steer_tui.ui.widgets.token_view import Piece, TokenView
 
 BATCH_SECONDS = 0.03  # coalesce streamed tokens: at most ~33 screen updates per second
+STATUS_SECONDS = 0.5  # tokens/s and context in the status bar while streaming
 GHOST_CHARS = 120  # rejected text shown (struck through) before a correction, at most
 NEWLINE_MARK = "\u21b5"  # typed with ctrl+j in the correction editor, saved as "\n"
 
@@ -191,6 +192,7 @@ class SessionScreen(Screen[None]):
         self._worker: Worker | None = None
         self._stream_t0 = 0.0
         self._stream_n = 0
+        self._status_t = 0.0
         self._edit_at: int | None = None
         self._save_failed = False
         self._path: PathView | None = None
@@ -446,10 +448,16 @@ class SessionScreen(Screen[None]):
         if at_end:
             view.scroll_to_end()
         self._stream_n += len(event.tokens)
-        dt = time.perf_counter() - self._stream_t0
+        now = time.perf_counter()
+        if now - self._status_t >= STATUS_SECONDS:  # numbers nobody reads 30 times a second
+            self._status_t = now
+            self._update_stream_status(now)
+
+    def _update_stream_status(self, now: float) -> None:
+        dt = now - self._stream_t0
         if dt > 0:
             self.status.tokens_per_s = self._stream_n / dt
-        self.status.ctx_used = len(self.session.tree.prompt_tokens) + view.n_tokens
+        self.status.ctx_used = len(self.session.tree.prompt_tokens) + self.view.n_tokens
 
     def on_session_screen_stream_ended(self, event: StreamEnded) -> None:
         if event.gen != self._gen:
@@ -457,6 +465,7 @@ class SessionScreen(Screen[None]):
                 self._report_error(event.error, "Generation stopped")
             return
         self._worker = None
+        self._update_stream_status(time.perf_counter())
         self._invalidate()
         if event.error is not None:
             self._report_error(event.error, "Generation stopped")
