@@ -21,6 +21,11 @@ micro-batches of at most --token-budget forwarded tokens for each layout, each f
 by its backward (gradient accumulation); the loss terms are sums divided by fixed counts,
 so the totals are comparable exactly.
 
+Timing: the linearized epoch is long, so --tree-samples tree epochs are run spread over it
+(before, between its micro-batches, after) and the median is reported: on a shared
+machine both layouts then see the same load. Wall and process CPU seconds are both shown
+(with --threads 1 the CPU time is the compute, whatever else runs on the machine).
+
     python bench/packing.py            # >= 50 steers over 1,000 generated tokens
     python bench/packing.py --quick    # a small tree, ~1 minute
 """
@@ -28,7 +33,7 @@ so the totals are comparable exactly.
 from __future__ import annotations
 
 import argparse
-import gc
+import os
 import random
 import resource
 import sys
@@ -123,34 +128,52 @@ def micro_batches(units: list[Unit], packing: str, budget: int) -> list[list[Uni
     return out
 
 
-def epoch(model, batches, refs, n_sft, n_pair, packing, budget, beta):
-    """Forward + backward over all micro-batches; returns (loss, seconds, tokens, rows)."""
-    model.zero_grad(set_to_none=True)
-    total, tokens, rows = 0.0, 0, 0
-    t0 = time.perf_counter()
-    for mb in batches:
-        seqs = [s for u in mb for s in u.seqs]
-        plan = plan_packing(seqs, packing=packing, token_budget=budget)
-        tokens += plan.tokens_forwarded
-        rows += len(plan.rows) if packing == "tree" else len(plan.linear_rows)
-        lps = token_logprobs(model, seqs, packing=packing, token_budget=budget, plan=plan)
-        loss = lps[0].new_zeros(())
-        i = 0
-        for u in mb:
-            k = len(u.seqs)
-            if u.kind == "sft":
-                w = torch.tensor(u.weights, dtype=lps[i].dtype)
-                loss = loss + (-(lps[i] * w).sum() / w.sum()) / n_sft
-            else:
-                (pc, pr), _ = span_logps(lps[i : i + 2], u.spans)
-                rc, rr = refs[id(u)]
-                loss = loss + dpo_loss(pc[None], pr[None], rc[None], rr[None], beta=beta).losses.sum() / n_pair
-            i += k
-        loss.backward()
-        total += float(loss.detach())
-        del lps, loss
-    secs = time.perf_counter() - t0
-    return total, secs, tokens, rows
+@dataclass
+class Tally:
+    """Sums over the micro-batches of one epoch of one layout."""
+
+    loss: float = 0.0
+    wall: float = 0.0
+    cpu: float = 0.0
+    tokens: int = 0
+    rows: int = 0
+    grads: dict | None = None
+
+    def add_grads(self, model) -> None:
+        """Move the LoRA gradients of the last backward into this tally."""
+        if self.grads is None:
+            self.grads = {}
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                g = self.grads.get(n)
+                self.grads[n] = p.grad.detach().clone() if g is None else g + p.grad
+                p.grad = None
+
+
+def micro_step(model, mb, refs, n_sft, n_pair, packing, budget, beta, tally: Tally) -> None:
+    """Forward + backward of one micro-batch, timed (wall and process CPU) into `tally`."""
+    seqs = [s for u in mb for s in u.seqs]
+    w0, c0 = time.perf_counter(), time.process_time()
+    plan = plan_packing(seqs, packing=packing, token_budget=budget)
+    lps = token_logprobs(model, seqs, packing=packing, token_budget=budget, plan=plan)
+    loss = lps[0].new_zeros(())
+    i = 0
+    for u in mb:
+        if u.kind == "sft":
+            w = torch.tensor(u.weights, dtype=lps[i].dtype)
+            loss = loss + (-(lps[i] * w).sum() / w.sum()) / n_sft
+        else:
+            (pc, pr), _ = span_logps(lps[i : i + 2], u.spans)
+            rc, rr = refs[id(u)]
+            loss = loss + dpo_loss(pc[None], pr[None], rc[None], rr[None], beta=beta).losses.sum() / n_pair
+        i += len(u.seqs)
+    loss.backward()
+    tally.wall += time.perf_counter() - w0
+    tally.cpu += time.process_time() - c0
+    tally.loss += float(loss.detach())
+    tally.tokens += plan.tokens_forwarded
+    tally.rows += len(plan.rows) if packing == "tree" else len(plan.linear_rows)
+    tally.add_grads(model)
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:
@@ -165,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen", type=int, default=1000, help="generated (response) tokens")
     ap.add_argument("--prompt", type=int, default=30, help="prompt tokens")
     ap.add_argument("--token-budget", type=int, default=3072, help="tokens per micro-batch / packed row")
-    ap.add_argument("--repeat", type=int, default=1, help="epochs per layout (alternating); median reported")
+    ap.add_argument("--tree-samples", type=int, default=3,
+                    help="tree epochs timed, spread over the linearized epoch; the median is reported")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
@@ -218,38 +242,54 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reference pass (tree-packed, no grad, once): {ref_s:.1f}s")
 
     batches = {p: micro_batches(units, p, args.token_budget) for p in ("tree", "none")}
+    step = lambda mb, packing, tally: micro_step(  # noqa: E731
+        model, mb, refs, n_sft, n_pair, packing, args.token_budget, args.beta, tally)
     # Warm-up (allocator, kernels): one small micro-batch per layout, untimed.
-    warm = [[next(u for u in units if u.kind == "pair")]]
+    warm = [next(u for u in units if u.kind == "pair")]
     for packing in ("tree", "none"):
-        epoch(model, warm, refs, n_sft, n_pair, packing, args.token_budget, args.beta)
-    results: dict[str, list] = {"tree": [], "none": []}
-    grads = {}
-    for r in range(args.repeat):
-        for packing in ("tree", "none"):
-            gc.collect()
-            res = epoch(model, batches[packing], refs, n_sft, n_pair, packing, args.token_budget, args.beta)
-            results[packing].append(res)
-            grads[packing] = lora_grads(model)
-            print(f"  epoch {r + 1} {packing:>4}: loss {res[0]:.6f}  {res[1]:.1f}s  "
-                  f"{res[2]} tokens in {res[3]} forward rows", flush=True)
+        step(warm, packing, Tally())
+    model.zero_grad(set_to_none=True)
 
-    def med(packing, k):
-        vals = sorted(x[k] for x in results[packing])
-        return vals[len(vals) // 2]
+    # The linearized epoch is long; tree epochs run at --tree-samples points spread over it
+    # (before, between its micro-batches, after) so both layouts see the same machine load.
+    load0 = os.getloadavg()[0]
+    lin_batches = batches["none"]
+    k = max(1, args.tree_samples)
+    at = sorted({round(j * len(lin_batches) / max(1, k - 1)) for j in range(k)}) if k > 1 else [0]
+    lin = Tally()
+    trees: list[Tally] = []
+    for i in range(len(lin_batches) + 1):
+        while at and at[0] == i:
+            at.pop(0)
+            tally = Tally()
+            for mb in batches["tree"]:
+                step(mb, "tree", tally)
+            trees.append(tally)
+            print(f"  tree epoch: loss {tally.loss:.6f}  {tally.wall:.1f}s wall  {tally.cpu:.1f}s cpu", flush=True)
+        if i < len(lin_batches):
+            step(lin_batches[i], "none", lin)
+            if (i + 1) % 5 == 0 or i + 1 == len(lin_batches):
+                print(f"  linearized micro-batch {i + 1}/{len(lin_batches)}: {lin.wall:.1f}s wall, "
+                      f"{lin.cpu:.1f}s cpu so far", flush=True)
+    load1 = os.getloadavg()[0]
 
-    tree_s, lin_s = med("tree", 1), med("none", 1)
-    tree_tok, lin_tok = results["tree"][0][2], results["none"][0][2]
-    loss_t, loss_l = results["tree"][-1][0], results["none"][-1][0]
-    gdiff = max((grads["tree"][n] - grads["none"][n]).abs().max().item() for n in grads["tree"])
-    gscale = max(g.abs().max().item() for g in grads["none"].values())
+    tree = sorted(trees, key=lambda t: t.wall)[len(trees) // 2]  # median by wall time
+    tree_cpu = sorted(t.cpu for t in trees)[len(trees) // 2]
+    tree_s, lin_s = tree.wall, lin.wall
+    tree_tok, lin_tok = tree.tokens, lin.tokens
+    loss_t, loss_l = tree.loss, lin.loss
+    gdiff = max((tree.grads[n] - lin.grads[n]).abs().max().item() for n in tree.grads)
+    gscale = max(g.abs().max().item() for g in lin.grads.values())
     print()
     print(f"{'':24}{'tree':>14}{'linearized':>14}{'ratio':>10}")
     print(f"{'tokens forwarded':24}{tree_tok:>14,}{lin_tok:>14,}{lin_tok / tree_tok:>9.1f}x")
-    print(f"{'forward rows':24}{results['tree'][0][3]:>14}{results['none'][0][3]:>14}")
-    print(f"{'micro-batches':24}{len(batches['tree']):>14}{len(batches['none']):>14}")
+    print(f"{'forward rows':24}{tree.rows:>14}{lin.rows:>14}")
     print(f"{'wall s / epoch (f+b)':24}{tree_s:>14.1f}{lin_s:>14.1f}{lin_s / tree_s:>9.1f}x")
-    print(f"{'tokens / s':24}{tree_tok / tree_s:>14.0f}{lin_tok / lin_s:>14.0f}")
+    print(f"{'cpu s / epoch (f+b)':24}{tree_cpu:>14.1f}{lin.cpu:>14.1f}{lin.cpu / tree_cpu:>9.1f}x")
+    print(f"{'tokens / wall s':24}{tree_tok / tree_s:>14.0f}{lin_tok / lin_s:>14.0f}")
     print(f"{'loss':24}{loss_t:>14.6f}{loss_l:>14.6f}{'':>4}|diff| {abs(loss_t - loss_l):.1e}")
+    print(f"tree epochs timed: {len(trees)} (median shown; wall {', '.join(f'{t.wall:.1f}' for t in trees)}); "
+          f"load average {load0:.1f} at start, {load1:.1f} at end")
     print(f"LoRA grads: max |tree - linear| {gdiff:.2e} (max |grad| {gscale:.2e})")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
     ok = abs(loss_t - loss_l) <= 1e-4 * max(1.0, abs(loss_l)) and gdiff <= 1e-4 * max(1.0, gscale)
