@@ -24,9 +24,11 @@ tokens' node log-probs with one index tensor.
 Rows: the unit of packing is a trie (sequences with the same first token). Tries are
 placed into rows of at most ``token_budget`` tokens first-fit-decreasing. A trie larger
 than the budget is split by sequence, in lexicographic order so neighbours keep their
-shared prefixes, into chunks of at most ``token_budget`` unique tokens; each chunk
-re-emits the prefix it needs. A single sequence longer than the budget gets a row of its
-own (a sequence cannot be split across rows without a KV cache).
+shared prefixes, into chunks of at most ``token_budget`` unique tokens; a chunk re-emits
+the prefix it needs in its row (chunks that land in one row share it again: each row is
+laid out as one trie forest). A single sequence longer than the budget gets a row of its
+own (a sequence cannot be split across rows without a KV cache), so a row exceeds the
+budget only then.
 
 Sequences of length 1 have nothing to predict: they get an empty tensor and are not
 forwarded, so every packed row holds at least one predicted token.
