@@ -145,6 +145,19 @@ class SteerApp(App[int]):
         self.startup_messages = list(startup_messages or [])
         self.autostart = autostart
 
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: str = "information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
+        """Notifications carry paths, model text and error messages: plain text unless a
+        caller asks for markup (Textual's default is markup)."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)  # type: ignore[arg-type]
+
     @property
     def keymap(self) -> dict[str, str]:
         """Binding id -> keys from the config (what the help screen shows)."""

@@ -58,3 +58,28 @@ async def test_markup_and_escapes_are_literal_everywhere(tmp_path):
         assert "[red]no[/red]" in screen_text(app)
         await pilot.press("escape")
         assert scr.session is not None
+
+
+async def test_notifications_are_plain_text(tmp_path, monkeypatch):
+    from steer_tui.core.store import Store, StoreError
+
+    store = tmp_path / "st[b]ore[/b] [link=x]"
+    factory = SessionFactory(store=store, engine=FakeEngine(), sampling={"temperature": 0, "seed": 1})
+    app = make_app(session_factory=factory, config=UIConfig(), prompt="hi")
+    async with app.run_test(size=(100, 30), notifications=True) as pilot:
+        await wait_idle(pilot, app)
+
+        def failing(self, tree):
+            raise StoreError(f"cannot write {self.task_path(tree.id)}: [red]disk full[/red]")
+
+        monkeypatch.setattr(Store, "save", failing)
+        await pilot.press("d")
+        await pilot.pause(0.2)
+        assert app.session_screen.status.save_state.startswith("save failed")
+        # the notification shows it literally (Textual's toasts parse markup unless told not to)
+        from textual.widgets._toast import Toast
+
+        toasts = list(app.screen.query(Toast))
+        assert toasts
+        drawn = " ".join(str(t.render()) for t in toasts)
+        assert "[red]disk full[/red]" in drawn and "st[b]ore[/b] [link=x]" in drawn

@@ -64,7 +64,7 @@ class PickerScreen(Screen["NewTask | str | None"]):
     def action_start(self) -> None:
         prompt = self.query_one("#new-prompt", TextArea).text
         if not prompt.strip():
-            self.notify("Type a prompt first.", severity="warning")
+            self.app.notify("Type a prompt first.", severity="warning")
             self.query_one("#new-prompt", TextArea).focus()
             return
         system = self.query_one("#new-system", Input).value
@@ -83,7 +83,7 @@ class PickerScreen(Screen["NewTask | str | None"]):
         key = event.row_key.value
         info = next((t for t in self.tasks if t.id == key), None)
         if info is not None and getattr(info, "error", None):
-            self.notify(one_line(info.error, 300), title="This task file does not load", severity="error")
+            self.app.notify(one_line(info.error, 300), title="This task file does not load", severity="error")
             return
         self.dismiss(key)
 

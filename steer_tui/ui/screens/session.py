@@ -238,14 +238,14 @@ class SessionScreen(Screen[None]):
         if event.error is not None:
             self.status.state = "error"
             self.query_one("#prompt-line", Static).update(Text(one_line(str(event.error)), style="bold red"))
-            self.notify(str(event.error), title="Could not open the task", severity="error", timeout=10)
+            self.app.notify(str(event.error), title="Could not open the task", severity="error", timeout=10)
             return
         self.session = event.session
         if self.closed:  # the user left before it loaded
             self._close_session()
             return
         for warning in getattr(self.session, "warnings", []) or []:
-            self.notify(str(warning), title="Model", severity="warning", timeout=10)
+            self.app.notify(str(warning), title="Model", severity="warning", timeout=10)
         self._refresh_all()
         engine = self.session.engine
         self._show_model()
@@ -381,7 +381,7 @@ class SessionScreen(Screen[None]):
         except Exception as exc:  # SaveError: the data stays in memory; retried
             self._save_failed = True
             self.status.save_state = f"save failed: {exc}"
-            self.notify(f"{exc}\nYour work is kept in memory; saving is retried.", title="Save failed", severity="error", timeout=8)
+            self.app.notify(f"{exc}\nYour work is kept in memory; saving is retried.", title="Save failed", severity="error", timeout=8)
             self.set_timer(5.0, self._retry_save)
             return False
         self._save_failed = False
@@ -391,7 +391,7 @@ class SessionScreen(Screen[None]):
     def _retry_save(self) -> None:
         if self._save_failed and self.session is not None and not self.generating:
             if self._save():
-                self.notify("Saved after retrying.", title="Saved")
+                self.app.notify("Saved after retrying.", title="Saved")
 
     def _after_change(self, cursor: int | None = None) -> None:
         self._invalidate()
@@ -403,7 +403,7 @@ class SessionScreen(Screen[None]):
         if self.session is None or self.generating:
             return
         if getattr(self.session, "read_only", False):
-            self.notify("This task is open read-only.", severity="warning")
+            self.app.notify("This task is open read-only.", severity="warning")
             return
         self._gen += 1
         self._stop = threading.Event()
@@ -475,7 +475,7 @@ class SessionScreen(Screen[None]):
         self._set_paused_state()
         end = self._last_end()
         if end == "context":
-            self.notify("The context window is full: roll back, or accept the path.", title="Context full", severity="warning")
+            self.app.notify("The context window is full: roll back, or accept the path.", title="Context full", severity="warning")
 
     def _report_error(self, exc: BaseException, title: str) -> None:
         name = type(exc).__name__
@@ -483,9 +483,9 @@ class SessionScreen(Screen[None]):
             self._save_failed = True
             self.status.save_state = f"save failed: {exc}"
             self.set_timer(5.0, self._retry_save)
-            self.notify(f"{exc}\nYour work is kept in memory; saving is retried.", title="Save failed", severity="error", timeout=8)
+            self.app.notify(f"{exc}\nYour work is kept in memory; saving is retried.", title="Save failed", severity="error", timeout=8)
         else:
-            self.notify(str(exc), title=title, severity="error", timeout=10)
+            self.app.notify(str(exc), title=title, severity="error", timeout=10)
 
     async def pause(self) -> None:
         """Stop streaming and wait until the worker has ended (the session is idle after)."""
@@ -571,10 +571,10 @@ class SessionScreen(Screen[None]):
             await self.pause()
             return
         if self._last_end() == "eos":
-            self.notify("The model ended this response (eos). r resamples, enter corrects, d accepts.", title="Ended")
+            self.app.notify("The model ended this response (eos). r resamples, enter corrects, d accepts.", title="Ended")
             return
         if self._last_end() == "context":
-            self.notify("The context window is full.", severity="warning")
+            self.app.notify("The context window is full.", severity="warning")
             return
         self.start_generation()
 
@@ -582,7 +582,7 @@ class SessionScreen(Screen[None]):
         if not await self._idle():
             return
         if getattr(self.session, "read_only", False):
-            self.notify("This task is open read-only.", severity="warning")
+            self.app.notify("This task is open read-only.", severity="warning")
             return
         at = self._steer_point(self.view.cursor if index is None else index)
         self._edit_at = at
@@ -631,7 +631,7 @@ class SessionScreen(Screen[None]):
         if at is None:
             return
         if not text.strip():
-            self.notify("A correction needs some text (escape cancels).", severity="warning")
+            self.app.notify("A correction needs some text (escape cancels).", severity="warning")
             return
         s = self.session
         self._close_editor()
@@ -663,7 +663,7 @@ class SessionScreen(Screen[None]):
                 return
             current = None
         if not top:
-            self.notify("No alternatives were recorded for this token.", severity="warning")
+            self.app.notify("No alternatives were recorded for this token.", severity="warning")
             return
         alts = [
             Alternative(int(tid), self._decode(int(tid)), float(lp), current=int(tid) == current)
@@ -678,7 +678,7 @@ class SessionScreen(Screen[None]):
         if choice is None or s is None or self.generating:
             return
         if choice == current:
-            self.notify("That is the token already there.")
+            self.app.notify("That is the token already there.")
             return
         cut = at < self.view.n_tokens
 
@@ -727,7 +727,7 @@ class SessionScreen(Screen[None]):
                 target = sibs[(i + step) % len(sibs)]
                 break
         else:
-            self.notify("No other branch above the cursor.")
+            self.app.notify("No other branch above the cursor.")
             return
         try:
             s.switch_branch(target.id)
@@ -739,7 +739,7 @@ class SessionScreen(Screen[None]):
         n_before = len(tree.path_tokens(target.parent))
         self._refresh_all(n_before)
         self._set_paused_state()
-        self.notify(f"branch {sibs.index(target) + 1}/{len(sibs)} at #{n_before}", timeout=2)
+        self.app.notify(f"branch {sibs.index(target) + 1}/{len(sibs)} at #{n_before}", timeout=2)
 
     async def action_undo(self) -> None:
         if not await self._idle():
@@ -750,7 +750,7 @@ class SessionScreen(Screen[None]):
             self._report_error(exc, "Undo")
             return
         if done is None:
-            self.notify("Nothing to undo.")
+            self.app.notify("Nothing to undo.")
             return
         self._after_change()
         self._set_paused_state()
@@ -764,7 +764,7 @@ class SessionScreen(Screen[None]):
             self._report_error(exc, "Redo")
             return
         if done is None:
-            self.notify("Nothing to redo.")
+            self.app.notify("Nothing to redo.")
             return
         self._after_change()
         self._set_paused_state()
@@ -779,7 +779,7 @@ class SessionScreen(Screen[None]):
             return
         self._after_change(self.view.cursor)
         self._set_paused_state()
-        self.notify("Path marked done (accepted).", title="Accepted", timeout=3)
+        self.app.notify("Path marked done (accepted).", title="Accepted", timeout=3)
 
     def action_prob_colors(self) -> None:
         self.view.prob_colors = not self.view.prob_colors
@@ -812,7 +812,7 @@ class SessionScreen(Screen[None]):
         if not await self._idle():
             return
         if self._save():
-            self.notify("Saved.", timeout=2)
+            self.app.notify("Saved.", timeout=2)
 
     async def action_toggle_adapter(self) -> None:
         """Switch the LoRA adapter on/off for the next continuation (compare base vs adapter
@@ -823,7 +823,7 @@ class SessionScreen(Screen[None]):
         toggle = getattr(engine, "set_adapter_enabled", None)
         loaded = getattr(engine, "loaded_adapter", None)
         if toggle is None or not loaded:
-            self.notify("No adapter loaded (start with --adapter LORA.gguf).", severity="warning")
+            self.app.notify("No adapter loaded (start with --adapter LORA.gguf).", severity="warning")
             return
         enabled = not getattr(engine, "adapter_enabled", True)
         try:
@@ -831,7 +831,7 @@ class SessionScreen(Screen[None]):
         except Exception as exc:
             self._report_error(exc, "Adapter")
             return
-        self.notify(f"Adapter {'on' if enabled else 'off'} for the next continuation.")
+        self.app.notify(f"Adapter {'on' if enabled else 'off'} for the next continuation.")
         self._show_model()
 
     def _show_model(self) -> None:

@@ -107,6 +107,10 @@ class TokenView(ScrollView, can_focus=True):
         def control(self) -> TokenView:
             return self.view
 
+        def can_replace(self, message: Message) -> bool:
+            # a held-down arrow key: only the latest position matters
+            return isinstance(message, TokenView.CursorMoved) and message.view is self.view
+
     class CorrectRequested(Message):
         """The user asked to correct at token ``index`` (double click)."""
 
