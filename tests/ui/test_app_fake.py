@@ -534,3 +534,14 @@ async def test_command_palette_runs_session_actions(app_for, store):
         await pilot.pause(0.3)
         await pilot.press("enter")
         await wait_for(pilot, lambda: isinstance(app.screen, TreeScreen), what="tree view via the palette")
+
+
+async def test_correction_with_newline(app_for, store):
+    app = app_for(prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        app.session_screen.view.cursor = 9  # "2." of the second line
+        await pilot.press("enter", *"Fig", "ctrl+j", *"2.", "enter")
+        await wait_idle(pilot, app)
+    h = next(n for n in read_task(store)["nodes"] if n["author"] == "human")
+    assert h["text"] == "Fig\n2."
