@@ -1,13 +1,15 @@
 """Session.generate throughput vs a bare llama-cpp-python greedy loop.
 
 Both run the same model with the same thread count on the same chat prompt, greedy, in
-one process, interleaved token by token (session step, bare step, bare step, session
-step, ...) with every step timed, so machine load affects both alike. The session run captures top-5 + log-probs for every token,
+one process, interleaved token by token (round-robin, rotating who goes first) with every
+step timed, so machine load affects all alike. A third column runs the engine alone
+(``engine.generate`` with top-5 capture, no tree/text/saving) on its own context, to show
+where any overhead comes from. The session run captures top-5 + log-probs for every token,
 decodes text incrementally, appends to the tree and saves the file at the end; the bare
 run is ``Llama.generate(temp=0)`` yielding ids only. Each repetition starts from the same
 cached prompt (both sides re-evaluate only its last token).
 
-    python bench/engine_overhead.py [--tokens 128] [--reps 5] [--model PATH.gguf]
+    python bench/engine_overhead.py [--tokens 192] [--reps 7] [--model PATH.gguf]
 
 Prints per-repetition tokens/s and the median ratio session/bare (target >= 0.95).
 """
@@ -28,8 +30,8 @@ PROMPT = "Write a long, detailed story about a dragon who learns to bake bread."
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=192)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import llama_cpp
 
     from steer_tui import Session
-    from steer_tui.core.engine import open_engine
+    from steer_tui.core.engine import Sampling, open_engine
     from steer_tui.core.models import default_model_path
 
     model = Path(args.model) if args.model else default_model_path()
@@ -51,53 +53,65 @@ def main(argv: list[str] | None = None) -> int:
     eos = set(engine.eos_ids)
     n = args.tokens
 
-    def pair() -> tuple[int, float, int, float]:
-        """One repetition: step the session and the bare loop alternately, one token each
-        (alternating which goes first), timing every step, so load spikes hit both alike."""
+    engine2 = open_engine(model, n_ctx=2048, n_threads=threads)  # engine alone, own KV cache
+    greedy = Sampling(temperature=0)
+
+    def rep() -> dict[str, tuple[int, float]]:
+        """One repetition: step the session, the bare engine-only loop and the bare
+        llama-cpp-python loop round-robin, one token each (rotating who goes first), timing
+        every step, so load spikes hit all alike. Returns {name: (tokens, seconds)}."""
         s.goto(None)
         s.resample()
-        sg = iter(s.generate(max_tokens=n))
-        bg = bare.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
-        st = bt = 0.0
-        sc = bc = 0
-        s_done = b_done = False
+        gens = {
+            "session": (t.id for t in s.generate(max_tokens=n)),
+            "engine": (st.id for st in engine2.generate(prompt, greedy, max_tokens=n, top_k=5)),
+            "bare": bare.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0),
+        }
+        out = {k: [0, 0.0] for k in gens}
+        live = list(gens)
         i = 0
-        while not (s_done and b_done):
-            order = ("s", "b") if i % 2 == 0 else ("b", "s")
-            for who in order:
-                if who == "s" and not s_done:
-                    t0 = time.perf_counter()
-                    try:
-                        next(sg)  # the step after the last token saves the tree: timed too
-                        sc += 1
-                    except StopIteration:
-                        s_done = True
-                    st += time.perf_counter() - t0
-                elif who == "b" and not b_done:
-                    t0 = time.perf_counter()
-                    tok = next(bg)
-                    bt += time.perf_counter() - t0
-                    bc += 1
-                    if bc >= n or tok in eos:
-                        b_done = True
+        while live:
+            order = live[i % len(live) :] + live[: i % len(live)]
+            for name in order:
+                t0 = time.perf_counter()
+                try:
+                    tok = next(gens[name])  # the session's step after its last token saves: timed
+                except StopIteration:
+                    out[name][1] += time.perf_counter() - t0
+                    if name == "session":
+                        save_times.append(time.perf_counter() - t0)
+                    live.remove(name)
+                    continue
+                out[name][1] += time.perf_counter() - t0
+                out[name][0] += 1
+                if name == "bare" and (out[name][0] >= n or tok in eos):
+                    live.remove(name)
             i += 1
-        return sc, st, bc, bt
+        return {k: (c, t) for k, (c, t) in out.items()}
 
-    pair()  # warm-up: both sides cache the prompt once
-    ratios, s_rates, b_rates = [], [], []
+    save_times: list[float] = []
+    rep()  # warm-up: every side caches the prompt once
+    save_times.clear()
+    rates: dict[str, list[float]] = {"session": [], "engine": [], "bare": []}
     print(f"model {model.name}, {threads} threads, {n} tokens per run, {args.reps} interleaved reps")
     for i in range(args.reps):
-        sc, st, bc, bt = pair()
-        sr, br = sc / st, bc / bt
-        s_rates.append(sr)
-        b_rates.append(br)
-        ratios.append(sr / br)
-        print(f"rep {i + 1}: session {sc} tok in {st:.3f}s = {sr:6.1f} tok/s | bare {bc} tok in {bt:.3f}s = {br:6.1f} tok/s | ratio {sr / br:.3f}")
-    med = statistics.median(ratios)
+        r = rep()
+        for k, (c, t) in r.items():
+            rates[k].append(c / t)
+        print(
+            f"rep {i + 1}: "
+            + " | ".join(f"{k} {c} tok {c / t:6.1f} tok/s" for k, (c, t) in r.items())
+            + f" | session/bare {rates['session'][-1] / rates['bare'][-1]:.3f}"
+        )
+    ratio = statistics.median(a / b for a, b in zip(rates["session"], rates["bare"]))
+    eng = statistics.median(a / b for a, b in zip(rates["engine"], rates["bare"]))
     print(
-        f"median session {statistics.median(s_rates):.1f} tok/s, bare {statistics.median(b_rates):.1f} tok/s; "
-        f"ratio session/bare = {med:.3f} (target >= 0.95) {'OK' if med >= 0.95 else 'BELOW TARGET'}"
+        f"median tok/s: session {statistics.median(rates['session']):.1f}, engine {statistics.median(rates['engine']):.1f}, "
+        f"bare {statistics.median(rates['bare']):.1f}; engine/bare = {eng:.3f}"
     )
+    print(f"the session's final atomic save (fsync) took a median {statistics.median(save_times) * 1000:.1f} ms per run")
+    print(f"ratio session/bare = {ratio:.3f} (target >= 0.95) {'OK' if ratio >= 0.95 else 'BELOW TARGET'}")
+    engine2.close()
     s.close()
     bare.close()
     engine.close()

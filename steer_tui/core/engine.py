@@ -318,6 +318,7 @@ class BaseEngine:
     def __init__(self) -> None:
         self.n_evaluated = 0
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
+        self._version = 0  # bumped by every cache change; lets a generation skip re-checks
         self._last_logits: np.ndarray | None = None  # logits after the last cached token
         self._lock = threading.RLock()
         self._token_bytes: list[bytes] | None = None
@@ -410,6 +411,7 @@ class BaseEngine:
             self._kv_truncate(0)
             self._cached = []
             self._last_logits = None
+            self._version += 1
 
     def _eval(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
         """Append ``tokens`` to the cache; return the logits (last row, or all rows)."""
@@ -423,6 +425,7 @@ class BaseEngine:
         self.n_evaluated += len(tokens)
         self._cached.extend(int(t) for t in tokens)
         self._last_logits = out[-1] if all_logits else out
+        self._version += 1
         return out
 
     def _truncate(self, n: int) -> None:
@@ -430,6 +433,7 @@ class BaseEngine:
             self._kv_truncate(n)
             del self._cached[n:]
             self._last_logits = None
+            self._version += 1
 
     def _prepare(self, context: Sequence[int]) -> np.ndarray:
         """Make the cache hold exactly ``context``; return the logits after its last token.
@@ -540,13 +544,20 @@ class BaseEngine:
         produced = 0
         if limit <= 0:
             return "length"
+        mine = -1  # cache version right after our last evaluation
         while True:
             if stop is not None and stop.is_set():
                 return "paused"
             if len(seq) >= self.n_ctx:
                 return "context"
             with self._lock:
-                row = self._prepare(seq)
+                if produced and self._version == mine:
+                    # nobody touched the cache since we left it at seq[:-1]: evaluate the
+                    # new token only, without re-comparing the whole context (O(1) per token)
+                    row = self._eval(seq[-1:])
+                else:
+                    row = self._prepare(seq)
+                mine = self._version
                 lse = logsumexp(row)
                 top = top_k_of(row, top_k, lse)
                 if sampling.greedy and sampling.repeat_penalty == 1.0 and top:

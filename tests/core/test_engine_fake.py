@@ -185,3 +185,20 @@ def test_tokenize_specials():
     assert e.tokenize("<|im_end|>", special=True) == [EOS]
     assert EOS not in e.tokenize("<|im_end|>")
     assert e.tokenize("a", add_bos=True)[0] == e.bos_id
+
+
+def test_generation_survives_other_calls_between_steps():
+    """The UI may ask for top-k of another context while a generation is paused between
+    steps; the generation must notice the cache changed and still produce the same tokens."""
+    e = FakeEngine()
+    p = e.tokenize("The caf")
+    want = [s.id for s in FakeEngine().generate(p, GREEDY, max_tokens=12)]
+    got = []
+    for i, s in enumerate(e.generate(p, GREEDY, max_tokens=12)):
+        got.append(s.id)
+        if i == 3:
+            e.top(e.tokenize("1. Apple"), 5)
+    assert got == want
+    before = e.n_evaluated
+    list(e.generate(p + want[:5], GREEDY, max_tokens=4))
+    assert e.n_evaluated - before == 1 + 3  # O(1) per token after the first
