@@ -10,7 +10,8 @@
    view has rendered a line in the new state (what the terminal would be sent next).
    Target: p99 < 50 ms.
 
-    python bench/app_stream.py [--tokens 128] [--reps 4] [--presses 100] [--model PATH.gguf] [--fake]
+    python bench/app_stream.py [--tokens 128] [--reps 4] [--presses 100] [--model PATH.gguf] [--threads N]
+    python bench/app_stream.py --fake-ms 25     # control: no CPU contention, the UI's own cost
 """
 
 from __future__ import annotations
@@ -41,15 +42,24 @@ async def run(args: argparse.Namespace) -> int:
     from steer_tui.ui.config import UIConfig
     from steer_tui.ui.widgets.token_view import TokenView
 
-    if args.fake:
+    if args.fake_ms is not None:
         from steer_tui.core.fake_engine import FakeEngine
 
-        engine = FakeEngine([PROMPT * 50], n_ctx=8192)
+        class SleepyEngine(FakeEngine):
+            """The FakeEngine taking ``fake_ms`` per generated token, in a sleep that
+            releases the GIL as llama.cpp's decode does: what is left of the gap is the UI."""
+
+            def _decode(self, tokens, n_past, all_logits):
+                if len(tokens) < 4:
+                    time.sleep(args.fake_ms / 1000 * len(tokens))
+                return super()._decode(tokens, n_past, all_logits)
+
+        engine = SleepyEngine([PROMPT * 50], n_ctx=8192, name=f"fake ({args.fake_ms:g} ms/token)")
     else:
         from steer_tui.core.engine import open_engine
         from steer_tui.core.models import default_model_path
 
-        engine = open_engine(Path(args.model) if args.model else default_model_path(), n_ctx=4096)
+        engine = open_engine(Path(args.model) if args.model else default_model_path(), n_ctx=4096, n_threads=args.threads)
 
     # instrument the view: when did tokens arrive, when was a line drawn in which state
     last_append = [0.0]
@@ -139,7 +149,8 @@ async def run(args: argparse.Namespace) -> int:
     ratio = statistics.median(app_tps) / statistics.median(bare_tps)
     pair = statistics.median(a / b for a, b in zip(app_tps, bare_tps))
     print()
-    print(f"engine: {engine.name}; {args.tokens} tokens x {args.reps} reps, interleaved")
+    threads = getattr(getattr(getattr(engine, "llm", None), "context_params", None), "n_threads", "?")
+    print(f"engine: {engine.name}, {threads} threads; {args.tokens} tokens x {args.reps} reps, interleaved")
     print(f"tokens/s through the app (median)   : {statistics.median(app_tps):8.1f}")
     print(f"tokens/s Session.generate (median)  : {statistics.median(bare_tps):8.1f}")
     print(f"ratio app / session                 : {ratio:8.3f}   (target >= 0.9)")
@@ -157,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--presses", type=int, default=100)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--fake", action="store_true", help="use the FakeEngine (measures UI overhead at very high token rates)")
+    ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the engine's choice)")
+    ap.add_argument(
+        "--fake-ms", type=float, default=None,
+        help="control run: a fake engine that sleeps this long per token (GIL released), so only the UI's cost remains",
+    )
     return asyncio.run(run(ap.parse_args(argv)))
 
 
