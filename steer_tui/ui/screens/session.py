@@ -400,8 +400,8 @@ class SessionScreen(Screen[None]):
 
     # ------------------------------------------------------------------ generation
     def start_generation(self) -> None:
-        if self.session is None or self.generating:
-            return
+        if self.session is None or self.generating or self.steering:
+            return  # (a running steer starts generation itself when it is done)
         if getattr(self.session, "read_only", False):
             self.app.notify("This task is open read-only.", severity="warning")
             return
