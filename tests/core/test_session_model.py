@@ -79,3 +79,15 @@ def test_reopen_with_the_real_model(store_dir, engine):
         assert (s2.end, s2.cut) == (end, cut) and not s2.warnings
         s2.pick(s2.tree.node(cut).top[0][1][0])
         assert len(s2.tree.steers()) == 1
+
+
+def test_default_model_and_bad_model_path(store_dir, tmp_path):
+    from steer_tui.core.engine import EngineError
+
+    with Session.create(store=store_dir, prompt="Hi", sampling=GREEDY) as s:  # model=None: bundled
+        assert s.tree.model["name"] == "SmolLM2-135M-Instruct.Q4_1"
+        assert len(list(s.generate(max_tokens=2))) == 2
+    with pytest.raises(EngineError, match="does not exist") as info:
+        Session.create(store=store_dir, prompt="Hi", model=tmp_path / "nope.gguf")
+    assert "nope.gguf" in str(info.value)
+    assert not list((store_dir / "tasks").glob("*nope*"))
