@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+import time
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -159,6 +160,8 @@ class Session:
         self.last_end: str | None = None
         #: True while the tree has changes that are not on disk (e.g. after a failed save).
         self.dirty = False
+        #: Seconds between checkpoint saves during a long generation (it is saved at its end anyway).
+        self.autosave_interval = 10.0
         self.warnings: list[str] = []
         self._owns_engine = owns_engine
         self._lock_handle = lock
@@ -484,6 +487,7 @@ class Session:
                 target = None  # created lazily on the first token
             index = len(context) - len(self.prompt_tokens)
         step: Step
+        last_save = time.monotonic()
         try:
             for step in gen:
                 piece = dec.feed(self.engine.token_bytes(step.id))
@@ -516,6 +520,13 @@ class Session:
                     target.top.append([[int(t), _r(lp)] for t, lp in step.top])
                     target.end = "paused"
                     self.dirty = True
+                    if time.monotonic() - last_save >= self.autosave_interval:
+                        # a long generation is checkpointed, so a crash loses seconds, not minutes
+                        last_save = time.monotonic()
+                        try:
+                            self._save_quietly_or_raise()
+                        except SaveError:
+                            pass  # still dirty; the save at the end reports it
                 yield Token(int(step.id), piece, _r(step.logprob), [(t, _r(lp)) for t, lp in step.top], index)
                 index += 1
         finally:

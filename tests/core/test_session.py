@@ -448,3 +448,13 @@ SessionMachine.TestCase.settings = settings(
     max_examples=40, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_session_state_machine = SessionMachine.TestCase
+
+
+def test_long_generation_is_checkpointed(store_dir, engine):
+    with new(store_dir, engine) as s:
+        s.autosave_interval = 0.0  # every token
+        seen = []
+        for t in s.generate(max_tokens=6):
+            seen.append(len(saved(s).nodes[0].tokens))
+        assert seen == [1, 2, 3, 4, 5, 6]
+        assert saved(s).nodes[0].end == "length"
