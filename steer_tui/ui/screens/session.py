@@ -261,8 +261,14 @@ class SessionScreen(Screen[None]):
 
     # ------------------------------------------------------------------ state helpers
     @property
-    def generating(self) -> bool:
+    def streaming(self) -> bool:
+        """The generation worker is running."""
         return self._worker is not None and self._worker.state in (WorkerState.PENDING, WorkerState.RUNNING)
+
+    @property
+    def generating(self) -> bool:
+        """The model is busy: streaming, or evaluating a steer (generation follows it)."""
+        return self.streaming or self.steering
 
     def _last_end(self) -> str | None:
         """Why the current path's model output stopped (None: it can continue)."""
@@ -319,8 +325,10 @@ class SessionScreen(Screen[None]):
         view = self.view
         i = view.cursor
         t = Text()
-        if self.generating:
+        if self.streaming:
             t.append("streaming… space pauses", style="italic")
+        elif self.steering:
+            t.append("applying the steer…", style="italic")
         elif i >= view.n_tokens:
             t.append(f" end of response ({view.n_tokens} tokens)", style="bold")
             if self._last_end() == "eos":
@@ -400,7 +408,7 @@ class SessionScreen(Screen[None]):
 
     # ------------------------------------------------------------------ generation
     def start_generation(self) -> None:
-        if self.session is None or self.generating or self.steering:
+        if self.session is None or self.generating:
             return  # (a running steer starts generation itself when it is done)
         if getattr(self.session, "read_only", False):
             self.app.notify("This task is open read-only.", severity="warning")
@@ -510,7 +518,7 @@ class SessionScreen(Screen[None]):
         """Pause if streaming; False if there is no session to act on."""
         if self.session is None:
             return False
-        if self.generating:
+        if self.streaming:
             await self.pause()
         if self.steering:
             return False  # a steer is being applied; generation resumes right after
@@ -565,9 +573,9 @@ class SessionScreen(Screen[None]):
 
     # ------------------------------------------------------------------ actions
     async def action_toggle_pause(self) -> None:
-        if self.session is None:
+        if self.session is None or self.steering:
             return
-        if self.generating:
+        if self.streaming:
             await self.pause()
             return
         if self._last_end() == "eos":
