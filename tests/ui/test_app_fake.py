@@ -435,7 +435,7 @@ async def test_locked_task_opens_read_only(app_for, store, fake_engine):
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_idle(pilot, app)
             scr = app.session_screen
-            assert scr.session.read_only
+            assert scr.session.read_only and scr.status.save_state == "read-only"
             assert any("another session" in str(n.message) and "read-only" in str(n.message) for n in app._notifications)
             before = read_task(store, holder.task_id)
             await pilot.press("enter", *"x", "enter", "d", "u", "r")  # refused with notices, no crash

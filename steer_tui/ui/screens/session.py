@@ -27,6 +27,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 from textual.worker import Worker, WorkerState
 
+from steer_tui.core.session import SaveError
 from steer_tui.core.text import TextDecoder
 from steer_tui.core.text import pieces as text_pieces
 from steer_tui.ui.keys import SESSION_KEYS, bindings
@@ -250,7 +251,7 @@ class SessionScreen(Screen[None]):
         engine = self.session.engine
         self._show_model()
         self.status.ctx_limit = int(getattr(engine, "n_ctx", 0) or 0)
-        self.status.save_state = "saved"
+        self.status.save_state = "read-only" if getattr(self.session, "read_only", False) else "saved"
         # a new task starts streaming at once; a reopened one waits where it stopped (it
         # was paused for a reason): space continues
         fresh = self.session.end is None and not self.session.tree.nodes
@@ -397,14 +398,28 @@ class SessionScreen(Screen[None]):
         return True
 
     def _retry_save(self) -> None:
-        if self._save_failed and self.session is not None and not self.generating:
-            if self._save():
-                self.app.notify("Saved after retrying.", title="Saved")
+        if not self._save_failed or self.session is None:
+            return
+        if self.generating:  # the stream saves when it stops; look again later
+            self.set_timer(5.0, self._retry_save)
+            return
+        if self._save():
+            self.app.notify("Saved after retrying.", title="Saved")
 
     def _after_change(self, cursor: int | None = None) -> None:
         self._invalidate()
-        self._save()
+        self._save_if_dirty()
         self._refresh_all(cursor)
+
+    def _save_if_dirty(self) -> None:
+        """The session saves each mutation itself; write again only if that failed."""
+        if getattr(self.session, "read_only", False):
+            return
+        if getattr(self.session, "dirty", True):
+            self._save()
+        else:  # everything is on disk (a later save by the session succeeded)
+            self._save_failed = False
+            self.status.save_state = "saved"
 
     # ------------------------------------------------------------------ generation
     def start_generation(self) -> None:
@@ -479,15 +494,28 @@ class SessionScreen(Screen[None]):
             self._report_error(event.error, "Generation stopped")
         # the session is the truth: redraw from it (also repairs anything a batch missed)
         self._refresh_all(self.view.n_tokens)
-        self._save()
+        if event.error is None:
+            self._save_if_dirty()
         self._set_paused_state()
         end = self._last_end()
         if end == "context":
             self.app.notify("The context window is full: roll back, or accept the path.", title="Context full", severity="warning")
 
+    def _mutate(self, fn: Callable[[], Any], title: str) -> tuple[bool, Any]:
+        """Run a quick session mutation (the session saves it). A failed save keeps the
+        change in memory: it is drawn, the save retried later. Other errors change nothing."""
+        try:
+            return True, fn()
+        except Exception as exc:
+            self._report_error(exc, title)
+            if isinstance(exc, SaveError):
+                self._invalidate()
+                self._refresh_all(self.view.cursor)
+                self._set_paused_state()
+            return False, None
+
     def _report_error(self, exc: BaseException, title: str) -> None:
-        name = type(exc).__name__
-        if "Save" in name:
+        if isinstance(exc, SaveError):
             self._save_failed = True
             self.status.save_state = f"save failed: {exc}"
             self.set_timer(5.0, self._retry_save)
@@ -559,7 +587,8 @@ class SessionScreen(Screen[None]):
             self._invalidate()
             self._refresh_all(event.at)
             self._report_error(event.error, event.title)
-            self._save()  # a rollback before the error may have changed the tree
+            if not isinstance(event.error, SaveError):
+                self._save_if_dirty()  # a rollback before the error may have changed the tree
             self._set_paused_state()
             return
         self._after_change()
@@ -752,10 +781,8 @@ class SessionScreen(Screen[None]):
     async def action_undo(self) -> None:
         if not await self._idle():
             return
-        try:
-            done = self.session.undo()
-        except Exception as exc:
-            self._report_error(exc, "Undo")
+        ok, done = self._mutate(self.session.undo, "Undo")
+        if not ok:
             return
         if done is None:
             self.app.notify("Nothing to undo.")
@@ -766,10 +793,8 @@ class SessionScreen(Screen[None]):
     async def action_redo(self) -> None:
         if not await self._idle():
             return
-        try:
-            done = self.session.redo()
-        except Exception as exc:
-            self._report_error(exc, "Redo")
+        ok, done = self._mutate(self.session.redo, "Redo")
+        if not ok:
             return
         if done is None:
             self.app.notify("Nothing to redo.")
@@ -780,10 +805,8 @@ class SessionScreen(Screen[None]):
     async def action_accept(self) -> None:
         if not await self._idle():
             return
-        try:
-            self.session.accept()
-        except Exception as exc:
-            self._report_error(exc, "Accept")
+        ok, _ = self._mutate(self.session.accept, "Accept")
+        if not ok:
             return
         self._after_change(self.view.cursor)
         self._set_paused_state()
@@ -870,7 +893,7 @@ class SessionScreen(Screen[None]):
                 pass
         await self.pause()
         if self.session is not None:
-            self._save()
+            self._save_if_dirty()
             self._close_session()
 
     def _close_session(self) -> None:
