@@ -1,0 +1,71 @@
+"""The loop benchmark, small: bench/loop.py --quick runs capture -> steer-train ->
+held-out steer rate (base vs adapter.gguf in llama.cpp) -> guards, and writes its table.
+Plus the guard arithmetic, checked by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _loop():
+    spec = importlib.util.spec_from_file_location("bench_loop", ROOT / "bench" / "loop.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_loop"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_repeated_ngram_rate_by_hand():
+    loop = _loop()
+    assert loop.repeated_ngram_rate([1, 2, 3]) == 0.0  # no 4-gram at all
+    assert loop.repeated_ngram_rate([1, 2, 3, 4, 5, 6]) == 0.0
+    # "1 2 3 4" x3: 9 four-grams, the first 4 are new, the other 5 repeat one
+    assert loop.repeated_ngram_rate([1, 2, 3, 4] * 3) == pytest.approx(5 / 9)
+    assert loop.repeated_ngram_rate([7] * 10) == pytest.approx(6 / 7)
+
+
+def test_guard_bounds():
+    loop = _loop()
+    two_sided = loop.Guard("x", "x", 0.85, 1.15)
+    assert two_sided.ok(100, 90) and two_sided.ok(100, 114)
+    assert not two_sided.ok(100, 84) and not two_sided.ok(100, 116)
+    worse_only = loop.Guard("r", "r", None, 1.15, slack=0.01)
+    assert worse_only.ok(0.05, 0.0)  # less repetition is fine
+    assert worse_only.ok(0.001, 0.009)  # within the absolute slack
+    assert not worse_only.ok(0.05, 0.07)
+    assert not worse_only.ok(0.0, 0.2)
+
+
+def test_quick_loop_end_to_end(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    pytest.importorskip("llama_cpp")
+    loop = _loop()
+    monkeypatch.setenv("STEER_CACHE", str(tmp_path / "steer-cache"))  # never the user's cache
+    out = tmp_path / "out"
+    assert loop.main(["--quick", "--out", str(out), "--threads", "2"]) == 0
+    rep = json.loads((out / "loop.json").read_text())
+    assert (out / "loop.png").stat().st_size > 1000
+    assert rep["capture"]["steers"] > 0 and rep["train_steps"] == 2
+    c = rep["comparison"]
+    sr = c["steer_rate"]
+    assert sr["base_tokens"] > 0 and sr["tuned_tokens"] > 0
+    assert sr["base"] == pytest.approx(1000 * sr["base_steers"] / sr["base_tokens"])
+    assert set(c["guards"]) == {"mean_tokens", "rep4", "base_nll", "neutral_ppl"}
+    for g in c["guards"].values():
+        assert g["base"] > 0 or g["label"].startswith("repeated")
+        assert isinstance(g["ok"], bool)
+    # the base model scoring its own held-out answers: a real, finite NLL
+    assert 0 < c["guards"]["base_nll"]["base"] < 10
+    assert 1 < c["guards"]["neutral_ppl"]["base"] < 1000
+    assert c["steer_accuracy"]["steers"] >= 1 and 0 <= c["steer_accuracy"]["tuned"] <= 1
+    assert isinstance(c["pass"], bool)
+    # a second run reuses the cached capture and base measurements
+    assert (out / "cache").is_dir() and len(list((out / "cache").glob("capture-*/summary.json"))) == 1
