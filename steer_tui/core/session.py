@@ -553,7 +553,9 @@ class Session:
         """Keep the first ``n`` response tokens of the current path. A node that ``n`` falls
         inside is split (``tree.split``); what is cut stays in the tree as ``cut``, the
         rejected side of the next steer. Nothing is evaluated (the engine drops the cut part
-        of its KV cache lazily, on the next evaluation)."""
+        of its KV cache lazily, on the next evaluation). If ``n`` falls between the byte
+        tokens of one character (an emoji split by a byte-level tokenizer), the rollback
+        keeps only the tokens before that character, so no half character is left behind."""
         with self._mu:
             self._check_writable()
             self._check_idle()
@@ -565,9 +567,10 @@ class Session:
                 raise SessionError(f"cannot roll back to {n} tokens: the response has {total}")
             if n == total:
                 return
+            tb = self.engine.token_bytes
+            n = self._snap_to_character(path, n)
             start = 0
             dec = TextDecoder()
-            tb = self.engine.token_bytes
             prev: str | None = None
             for node in path:
                 ln = len(node.tokens)
@@ -637,6 +640,9 @@ class Session:
             raise SessionError(str(exc)) from None
         cut = self.tree.node(self._cut) if self._cut is not None else None
         replaces = cut.id if cut is not None and cut.is_model else None
+        # Typing over your own earlier text supersedes it: the cut human branch is
+        # discarded (kept in the file, never trained on); undo brings it back.
+        supersedes = cut.id if cut is not None and cut.is_human and cut.id not in self.tree.discarded else None
         if replaces is None and kind == "correction":
             kind = "append"
         dec = self._decoder_at(self._end)
@@ -653,8 +659,11 @@ class Session:
                 top=[[[int(t), _r(lp)] for t, lp in s.top] for s in steps],
                 replaces=replaces,
                 annotator=self.annotator,
+                extra={"supersedes": supersedes} if supersedes else {},
             )
         )
+        if supersedes:
+            self.tree.discarded.append(supersedes)
         self._end, self._cut = node.id, None
         self._new_branch = False
         self._redo.clear()
@@ -691,7 +700,11 @@ class Session:
             before = self._end
             self.tree.discarded.append(human.id)
             self.tree.touch()
-            if human.replaces is not None:
+            superseded = human.extra.get("supersedes")
+            if superseded in self.tree.discarded:  # bring back the text it had replaced
+                self.tree.discarded.remove(superseded)
+                self._end = self._original_end(superseded)
+            elif human.replaces is not None:
                 self._end = self._original_end(human.replaces)
             else:
                 self._end = human.parent
@@ -712,6 +725,9 @@ class Session:
             nid, pos = self._redo.pop()
             if nid in self.tree.discarded:
                 self.tree.discarded.remove(nid)
+            superseded = self.tree.node(nid).extra.get("supersedes")
+            if superseded and superseded not in self.tree.discarded:
+                self.tree.discarded.append(superseded)
             self.tree.touch()
             self._end = pos if (pos is None or pos in self.tree) else nid
             self._cut = None
@@ -751,6 +767,22 @@ class Session:
             raise SessionError(f"task {self.tree.id!r} is open read-only")
         if self._closed:
             raise SessionError("the session is closed")
+
+    def _snap_to_character(self, path: list[Node], n: int) -> int:
+        """The largest k <= n such that the first k response tokens end on a whole character."""
+        dec = TextDecoder()
+        tb = self.engine.token_bytes
+        clean = 0
+        i = 0
+        for node in path:
+            for t in node.tokens:
+                if i >= n:
+                    return clean
+                dec.feed(tb(t))
+                i += 1
+                if not dec.pending():
+                    clean = i
+        return clean
 
     def _decoder_at(self, node_id: str | None) -> TextDecoder:
         """A text decoder that has seen every response token up to the end of ``node_id``."""

@@ -458,3 +458,31 @@ def test_long_generation_is_checkpointed(store_dir, engine):
             seen.append(len(saved(s).nodes[0].tokens))
         assert seen == [1, 2, 3, 4, 5, 6]
         assert saved(s).nodes[0].end == "length"
+
+
+def test_typing_over_your_own_correction_supersedes_it_and_undo_restores_it(store_dir, engine):
+    with new(store_dir, engine) as s:
+        list(s.generate(max_tokens=12))
+        s.rollback(5)
+        first = s.correct(" Kiwi and Lime")
+        s.rollback(5 + len(engine.tokenize(" Kiwi")))
+        second = s.correct(" and Plum")
+        superseded = s.tree.node(second.extra["supersedes"])
+        assert superseded.is_human and "Lime" in superseded.text
+        assert superseded.id in saved(s).discarded and "Lime" not in s.response_text
+        assert [st.node.id for st in s.tree.steers()] == [first.id]  # still one steer
+        s.undo()  # the new text goes, the superseded text comes back
+        assert "Lime" in s.response_text and superseded.id not in saved(s).discarded
+        assert second.id in saved(s).discarded
+        s.redo()
+        assert "Plum" in s.response_text and superseded.id in saved(s).discarded
+
+
+def test_rollback_between_the_bytes_of_one_character_keeps_whole_characters(store_dir):
+    e = FakeEngine(scripts=["Prix: 5€ 🙂 net"])
+    with new(store_dir, e, prompt="x") as s:
+        s.correct("ab 🙂")  # the emoji is 4 byte tokens
+        n = len(s.response_tokens)
+        s.rollback(n - 2)  # between the emoji's bytes
+        assert s.response_text == "ab "
+        assert len(s.response_tokens) == n - 4

@@ -340,11 +340,6 @@ def test_correction_text_round_trips_exactly_fake(tmp_path):
     assert "🍐" in raw and "שלום" in raw  # stored as UTF-8 text, not \u escapes
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Session.rollback may cut between the byte tokens of one character (emoji, byte-level BPE); the "
-    "dangling bytes are then decoded with the correction, whose saved text starts with U+FFFD instead "
-    "of what was typed (export 'chosen' too). Rollback could snap to the character start (core helper)"
-))
 def test_correction_after_rollback_inside_a_character(tmp_path):
     s = build_session(tmp_path, steers=0)
     s.correct(" 🍐")  # 4 byte tokens on the FakeEngine
@@ -466,11 +461,6 @@ def test_bad_rules_files_are_clear_errors(tmp_path):
         assert_user_error(proc, str(p))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a rollback inside the human's own correction splits it; the new correction is an 'append' that "
-    "replaces nothing, so the superseded human tail stays live and SFT export still trains on the text "
-    "the human replaced (core session.py: discard or mark the cut human tail; lead: export)"
-))
 def test_revised_correction_is_not_trained_on(tmp_path):
     from steer_tui.core.export import sft_rows
 
