@@ -102,7 +102,7 @@ async def open_in_app(store, engine, task_id: str, expect_tokens: int, pages: in
         scroll: list[float] = []
         async with app.run_test(size=(100, 30)) as pilot:
             while not drawn:
-                await asyncio.sleep(0.002)
+                await asyncio.sleep(0.05)  # the time comes from the render hook, not this poll
             opened = drawn[0] - t0
             view = app.session_screen.view
             view.focus()
