@@ -33,7 +33,7 @@ from steer_tui.core.text import pieces as text_pieces
 from steer_tui.ui.keys import SESSION_KEYS, bindings
 from steer_tui.ui.render import one_line
 from steer_tui.ui.screens.alternatives import Alternative, AlternativesScreen
-from steer_tui.ui.screens.stats import StatsScreen
+from steer_tui.ui.screens.stats import StatsScreen, count_steers
 from steer_tui.ui.screens.tree import TreeScreen
 from steer_tui.ui.widgets.status import CursorInfo, StatusBar
 from steer_tui.ui.widgets.token_view import Piece, TokenView
@@ -119,30 +119,6 @@ def path_view(session: Any) -> PathView:
             out.append(Piece(text, author, lps[off] if lps is not None else None))
         index += len(node.tokens)
     return PathView(out, starts, nodes)
-
-
-def count_steers(tree: Any) -> int:
-    """Steers that count for training (not undone, nor under an undone node), in O(nodes)."""
-    if not tree.discarded:
-        return sum(1 for n in tree.nodes if n.is_steer)
-    gone = set(tree.discarded)
-    parent = {n.id: n.parent for n in tree.nodes}
-    dead: dict[str | None, bool] = {None: False}
-
-    def is_dead(nid: str | None) -> bool:
-        chain = []
-        while nid not in dead:
-            if nid in gone:
-                dead[nid] = True
-                break
-            chain.append(nid)
-            nid = parent[nid]
-        value = dead[nid]
-        for c in chain:
-            dead[c] = value
-        return value
-
-    return sum(1 for n in tree.nodes if n.is_steer and not is_dead(n.id))
 
 
 def rejected_text(tree: Any, node_id: str) -> str:

@@ -33,16 +33,60 @@ class SteerRow:
     discarded: bool
 
 
+def count_steers(tree: SteerTree) -> int:
+    """Steers that count for training (not undone, nor under an undone node), in O(nodes)."""
+    if not tree.discarded:
+        return sum(1 for n in tree.nodes if n.is_steer)
+    gone = set(tree.discarded)
+    parent = {n.id: n.parent for n in tree.nodes}
+    dead: dict[str | None, bool] = {None: False}
+
+    def is_dead(nid: str | None) -> bool:
+        chain = []
+        while nid not in dead:
+            if nid in gone:
+                dead[nid] = True
+                break
+            chain.append(nid)
+            nid = parent[nid]
+        value = dead[nid]
+        for c in chain:
+            dead[c] = value
+        return value
+
+    return sum(1 for n in tree.nodes if n.is_steer and not is_dead(n.id))
+
+
 def steer_rows(tree: SteerTree) -> list[SteerRow]:
+    """One row per steer (undone ones included, flagged), in O(nodes): a 500-steer task's
+    ``tree.steers()`` would build every prefix, which the table does not need."""
+    parent = {n.id: n.parent for n in tree.nodes}
+    length = {n.id: len(n.tokens) for n in tree.nodes}
+    gone = set(tree.discarded)
+    depth: dict[str | None, int] = {None: 0}  # response tokens before a node ends
+    dead: dict[str | None, bool] = {None: False}
+
+    def resolve(nid: str | None) -> None:
+        chain = []
+        while nid not in depth:
+            chain.append(nid)
+            nid = parent[nid]
+        for c in reversed(chain):
+            p = parent[c]
+            depth[c] = depth[p] + length[c]
+            dead[c] = dead[p] or c in gone
+
     rows = []
-    n_prompt = len(tree.prompt_tokens)
-    for st in tree.steers(include_discarded=True):
-        h = st.node
+    for h in tree.nodes:
+        if not h.is_steer:
+            continue
+        resolve(h.id)
+        replaced = tree.node(h.replaces)  # type: ignore[arg-type]
         lps = h.logprobs
         p_chosen = math.exp(sum(lps)) if lps else None
         p_first = math.exp(lps[0]) if lps else None
         rank = None
-        tops = h.top[0] if h.top else (st.replaced.top[0] if st.replaced.top else None)
+        tops = h.top[0] if h.top else (replaced.top[0] if replaced.top else None)
         if tops and h.tokens:
             for i, (tid, _lp) in enumerate(tops, start=1):
                 if int(tid) == h.tokens[0]:
@@ -51,14 +95,14 @@ def steer_rows(tree: SteerTree) -> list[SteerRow]:
         rows.append(
             SteerRow(
                 node_id=h.id,
-                position=len(st.prefix) - n_prompt,
+                position=depth[h.parent],
                 kind=h.kind,
-                rejected=st.replaced.text if st.rejected == st.replaced.tokens else _joined_text(tree, st.replaced.id),
+                rejected=_joined_text(tree, replaced.id),
                 chosen=h.text,
                 p_chosen=p_chosen,
                 p_first=p_first,
                 rank_first=rank,
-                discarded=tree.is_discarded(h.id),
+                discarded=dead[h.id],
             )
         )
     return rows

@@ -18,6 +18,7 @@ from textual.widgets.tree import TreeNode
 
 from steer_tui.core.tree import Node, SteerTree
 from steer_tui.ui.render import one_line
+from steer_tui.ui.screens.stats import count_steers
 
 KIND_MARK = {"generated": "·", "correction": "✎", "pick": "◆", "append": "+"}
 
@@ -57,7 +58,7 @@ class TreeScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         tr = self.steer_tree
-        n_steers = len(tr.steers())
+        n_steers = count_steers(tr)
         with Vertical(id="tree-box"):
             yield Static(
                 Text(
