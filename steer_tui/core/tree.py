@@ -223,15 +223,40 @@ class SteerTree:
         return any(n.id in gone for n in self.path(node_id))
 
     def steers(self, include_discarded: bool = False) -> list[Steer]:
+        """Every steer in file order. One depth-first walk keeps the running path tokens,
+        so a task with hundreds of steers over a long response costs one pass plus one
+        prefix copy per steer (not a walk up the tree per steer)."""
+        if not any(n.is_steer for n in self.nodes):
+            return []
+        gone = set(self.discarded)
+        prefix_of: dict[str, list[int]] = {}
+        want = {n.parent for n in self.nodes if n.is_steer}
+        running = list(self.prompt_tokens)
+        base = len(running)
+        # (node, entering?) pairs; a parent's tokens are on `running` while its subtree is walked
+        stack: list[tuple[Node | None, int]] = [(c, 0) for c in reversed(self.children(None))]
+        if None in want:
+            prefix_of[""] = running[:]
+        while stack:
+            node, depth_len = stack.pop()
+            assert node is not None
+            del running[depth_len + base :]
+            if not include_discarded and node.id in gone:
+                continue
+            running.extend(node.tokens)
+            if node.id in want:
+                prefix_of[node.id] = running[:]
+            here = len(running) - base
+            stack.extend((c, here) for c in reversed(self.children(node.id)))
         out = []
         for n in self.nodes:
             if not n.is_steer:
                 continue
-            if not include_discarded and self.is_discarded(n.id):
-                continue
+            key = n.parent if n.parent is not None else ""
+            if key not in prefix_of or (not include_discarded and n.id in gone):
+                continue  # under a discarded node
             replaced = self.node(n.replaces)  # type: ignore[arg-type]
-            prefix = self.prompt_tokens + self.path_tokens(n.parent)
-            out.append(Steer(n, prefix, list(n.tokens), self.original_tokens(replaced.id), replaced))
+            out.append(Steer(n, list(prefix_of[key]), list(n.tokens), self.original_tokens(replaced.id), replaced))
         return out
 
     def original_tokens(self, node_id: str) -> list[int]:
@@ -403,6 +428,16 @@ def _is_num(x: Any) -> bool:
     )
 
 
+_INT_TYPES = frozenset({int})
+_NUM_TYPES = frozenset({int, float})
+_LIST_TYPE = frozenset({list})
+
+
+def _numbers(xs: Any) -> bool:
+    """A list of JSON numbers (no bools, no NaN)."""
+    return isinstance(xs, list) and set(map(type, xs)) <= _NUM_TYPES and not any(map(math.isnan, xs))
+
+
 def _parse_tree(data: Any, source: str) -> SteerTree:
     def fail(message: str, rule: str, node: str | None = None) -> TreeError:
         return TreeError(message, file=source, node=node, rule=rule)
@@ -436,13 +471,15 @@ def _parse_tree(data: Any, source: str) -> SteerTree:
     if n_vocab is not None and (not _is_int(n_vocab) or n_vocab <= 0):
         raise fail(f"model.n_vocab is {n_vocab!r}, expected a positive integer", "model.n_vocab")
 
+    # Checks run per element over tens of thousands of ids on a long task, so they use
+    # C-level passes (map/min/max) and look for the offending element only on failure.
     def check_ids(ids: Any, where: str, node: str | None) -> list[int]:
-        if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
+        if not isinstance(ids, list) or not set(map(type, ids)) <= _INT_TYPES:
             raise fail(f"{where} must be a list of integer token ids", "token ids", node)
-        for t in ids:
-            if t < 0 or (n_vocab is not None and t >= n_vocab):
-                raise fail(f"{where} has token id {t} outside the vocabulary (n_vocab={n_vocab})", "token id < n_vocab", node)
-        return list(ids)
+        if ids and (min(ids) < 0 or (n_vocab is not None and max(ids) >= n_vocab)):
+            t = next(t for t in ids if t < 0 or (n_vocab is not None and t >= n_vocab))
+            raise fail(f"{where} has token id {t} outside the vocabulary (n_vocab={n_vocab})", "token id < n_vocab", node)
+        return ids
 
     adapter0 = model.get("adapter")
     if adapter0 is not None and not isinstance(adapter0, dict):
@@ -478,7 +515,7 @@ def _parse_tree(data: Any, source: str) -> SteerTree:
             raise fail("text must be a string", "text", nid)
         logprobs = raw.get("logprobs")
         if logprobs is not None:
-            if not isinstance(logprobs, list) or not all(_is_num(x) for x in logprobs):
+            if not _numbers(logprobs):
                 raise fail("logprobs must be a list of numbers", "logprobs", nid)
             if len(logprobs) != len(tokens):
                 raise fail(
@@ -490,13 +527,14 @@ def _parse_tree(data: Any, source: str) -> SteerTree:
         if top is not None:
             if not isinstance(top, list) or len(top) != len(tokens):
                 raise fail("top must have one list of alternatives per token", "len(top) == len(tokens)", nid)
-            for step in top:
-                if not isinstance(step, list):
-                    raise fail("top[i] must be a list of [id, logprob] pairs", "top", nid)
-                for pair in step:
-                    if not (isinstance(pair, list) and len(pair) == 2 and _is_int(pair[0]) and _is_num(pair[1])):
-                        raise fail(f"top entry {pair!r} is not [id, logprob]", "top", nid)
-                    check_ids([pair[0]], "top", nid)
+            if not set(map(type, top)) <= _LIST_TYPE:
+                raise fail("top[i] must be a list of [id, logprob] pairs", "top", nid)
+            pairs = [pair for step in top for pair in step]
+            if pairs and (not set(map(type, pairs)) <= _LIST_TYPE or set(map(len, pairs)) != {2}
+                          or not _numbers([p[1] for p in pairs])):
+                bad = next((p for p in pairs if not (type(p) is list and len(p) == 2 and _is_num(p[1]))), pairs[0])
+                raise fail(f"top entry {bad!r} is not [id, logprob]", "top", nid)
+            check_ids([p[0] for p in pairs], "top", nid)
         end = raw.get("end")
         if author == "model" and end is not None and end not in ENDS:
             raise fail(f"end is {end!r}, expected one of {ENDS}", "end", nid)
@@ -518,10 +556,10 @@ def _parse_tree(data: Any, source: str) -> SteerTree:
             parent=parent,
             author=author,
             kind=kind,
-            tokens=tokens,
+            tokens=list(tokens),
             text=text,
-            logprobs=[float(x) for x in logprobs] if logprobs is not None else None,
-            top=[[[int(t), float(lp)] for t, lp in step] for step in top] if top is not None else None,
+            logprobs=list(logprobs) if logprobs is not None else None,
+            top=list(top) if top is not None else None,
             end=end if author == "model" else None,
             replaces=replaces if author == "human" else None,
             annotator=annotator,

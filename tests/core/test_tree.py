@@ -233,6 +233,10 @@ def test_random_operations_keep_tree_valid(seq):
     again = SteerTree.from_dict(json.loads(text))
     assert again.to_dict() == t.to_dict()
     assert dumps_tree(again) == text
-    for s in t.steers():
-        assert s.prefix[: len(t.prompt_tokens)] == t.prompt_tokens
-        assert s.rejected[: len(s.replaced.tokens)] == s.replaced.tokens
+    for include in (False, True):
+        naive = [n.id for n in t.nodes if n.is_steer and (include or not t.is_discarded(n.id))]
+        steers = t.steers(include_discarded=include)
+        assert [s.node.id for s in steers] == naive
+        for s in steers:
+            assert s.prefix == t.prompt_tokens + t.path_tokens(s.node.parent)
+            assert s.rejected[: len(s.replaced.tokens)] == s.replaced.tokens
