@@ -173,9 +173,15 @@ def export(
 
 def _write_rows(fmt, sources, out_p: Path, tmp: Path, report: ExportReport, errors: list[str], detok, rejected_tokens) -> None:
     out_p.parent.mkdir(parents=True, exist_ok=True)
+    seen: dict[str, int] = {}
     with tmp.open("w", encoding="utf-8") as fh:
         for tree in iter_trees(sources, errors):
             report.trees += 1
+            # Two annotators' stores can hold the same task id (a shared --tasks queue):
+            # later ones get "<id>.2", "<id>.3"... so (task_id, steer_id) stays a unique key.
+            seen[tree.id] = seen.get(tree.id, 0) + 1
+            if seen[tree.id] > 1:
+                tree.id = f"{tree.id}.{seen[tree.id]}"
             if fmt == "trees":
                 rows: Iterable[dict[str, Any]] = [tree.to_dict()]
             elif fmt == "dpo":

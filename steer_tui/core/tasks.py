@@ -42,6 +42,19 @@ class TaskSpec:
         return first[:60] + ("…" if len(first) > 60 else "")
 
 
+def queue_task_id(spec_id: str | None, annotator: str | None) -> str | None:
+    """The task id for a queue line with an ``"id"``: ``<id>-<annotator>`` so that two
+    annotators working through one queue never produce the same task id (their stores
+    merge into one training set), while one annotator reopening the queue finds their own
+    tasks again. None when the line has no id (a fresh id is made)."""
+    if not spec_id:
+        return None
+    from steer_tui.core.store import slugify
+
+    who = slugify(annotator or "", max_len=24)
+    return f"{spec_id}-{who}" if who else spec_id
+
+
 def parse_task_line(raw: str, where: str) -> TaskSpec:
     """Parse one JSONL line; raises ValueError with ``where`` (file:line) in the message."""
     try:
@@ -68,6 +81,13 @@ def parse_task_line(raw: str, where: str) -> TaskSpec:
     for key in ("id", "title"):
         if key in obj and obj[key] is not None and not isinstance(obj[key], str):
             raise ValueError(f"{where}: \"{key}\" must be a string")
+    if obj.get("id"):
+        from steer_tui.core.store import StoreError, check_task_id
+
+        try:
+            check_task_id(obj["id"])
+        except StoreError as exc:
+            raise ValueError(f"{where}: \"id\": {exc}") from None
     extra = {k: v for k, v in obj.items() if k not in ("prompt", "messages", "id", "title")}
     return TaskSpec(
         prompt=prompt,

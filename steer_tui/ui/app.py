@@ -18,6 +18,7 @@ from textual.app import App, SystemCommand
 from textual.screen import Screen
 
 from steer_tui.core.store import Store, StoreError
+from steer_tui.core.tasks import queue_task_id
 from steer_tui.ui.config import ConfigError, UIConfig, default_config_path, load_config
 from steer_tui.ui.keys import APP_KEYS, SESSION_KEYS, bindings
 from steer_tui.ui.screens.help import HelpScreen, key_label
@@ -191,7 +192,7 @@ class SteerApp(App[int]):
         spec = self.queue[index]
 
         def load() -> Any:
-            tid = self._queue_ids.get(index) or spec.id
+            tid = self._queue_ids.get(index) or queue_task_id(spec.id, self.factory.annotator)
             if tid and self.factory.exists(tid):
                 session = self.factory.open(tid)
             else:

@@ -132,3 +132,16 @@ def test_console_script_runs_without_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_queue_ids_are_checked_and_made_per_annotator(tmp_path):
+    from steer_tui.core.tasks import queue_task_id
+
+    p = tmp_path / "q.jsonl"
+    p.write_text(json.dumps({"prompt": "a", "id": "../../x"}) + "\n" + json.dumps({"prompt": "b", "id": "fruit"}) + "\n")
+    tasks, errors = load_task_queue(p)
+    assert [t.id for t in tasks] == ["fruit"]
+    assert errors[0].startswith(f"{p}:1: \"id\": task id '../../x' is not valid")
+    assert queue_task_id("fruit", "alice") != queue_task_id("fruit", "bob")
+    assert queue_task_id("fruit", "Ünï Côde ../") == "fruit-n-cde"
+    assert queue_task_id("fruit", None) == "fruit" and queue_task_id(None, "alice") is None

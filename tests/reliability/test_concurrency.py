@@ -121,11 +121,6 @@ def test_two_annotators_merge_with_distinct_task_ids(tmp_path):
     assert sorted(row["chosen"] for row in rows) == [" Kiwi", " Plum"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "export: rows from two stores that hold the same task id (a shared --tasks queue with \"id\" lines, "
-    "which the app uses as the task id) share (task_id, steer_id): no key tells alice's steer from bob's "
-    "(lead: export.py rows / ui app queue ids)"
-))
 def test_two_annotators_same_queue_ids_export_keys_unique(tmp_path):
     """Both annotators work through the same --tasks file whose lines carry "id" (the app
     uses it as the task id), so both stores hold a task "fruit" whose steers are both "n3"."""

@@ -251,7 +251,7 @@ async def test_task_queue_navigation(tmp_path, app_for, store):
         assert app.session_screen.session.task_id == second
         await pilot.press("N")
         await wait_idle(pilot, app)
-        assert app.session_screen.session.task_id == "q-one"
+        assert app.session_screen.session.task_id == "q-one-tester"  # queue id + annotator
         assert app.session_screen.status.task == "task 1/2"
     assert len(task_files(store)) == 2  # going back reopened the task, no duplicate
     data = read_task(store, second)
