@@ -117,10 +117,15 @@ class TaskExample:
     sft: list[SFTSeq] = field(default_factory=list)
     pairs: list[Pair] = field(default_factory=list)
     retokenized: bool = False
+    group: str = ""  # the held-out split keys on this (the task id, shared by copies of one task)
+
+    def __post_init__(self) -> None:
+        self.group = self.group or self.task
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "task": self.task,
+            "group": self.group,
             "sft": [s.__dict__ for s in self.sft],
             "pairs": [p.__dict__ for p in self.pairs],
             "retokenized": self.retokenized,
@@ -128,7 +133,7 @@ class TaskExample:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskExample:
-        return cls(d["task"], [SFTSeq(**s) for s in d["sft"]], [Pair(**p) for p in d["pairs"]], d["retokenized"])
+        return cls(d["task"], [SFTSeq(**s) for s in d["sft"]], [Pair(**p) for p in d["pairs"]], d["retokenized"], d.get("group", ""))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -180,10 +185,17 @@ def load_trees(sources: Sequence[str | os.PathLike[str]]) -> LoadReport:
             log.warning("skipping %s", msg)
             continue
         if tree.id in ids:
-            msg = f"{f}: task id {tree.id!r} also in {ids[tree.id]}; using the first"
-            errors.append(msg)
-            log.warning("skipping %s", msg)
-            continue
+            if f.read_bytes() == ids[tree.id].read_bytes():
+                log.info("skipping %s: the same file as %s", f, ids[tree.id])
+                continue
+            # Two annotators' stores can hold one task id (a shared --tasks queue): keep both
+            # trees under distinct ids; split_group keeps them on the same side of the split.
+            k = 2
+            while f"{tree.id}.{k}" in ids:
+                k += 1
+            log.info("%s: task id %r also in %s; training on it as %r", f, tree.id, ids[tree.id], f"{tree.id}.{k}")
+            tree.extra.setdefault("split_group", tree.id)
+            tree.id = f"{tree.id}.{k}"
         ids[tree.id] = f
         trees.append(tree)
         used.append(f)
@@ -195,20 +207,24 @@ def load_trees(sources: Sequence[str | os.PathLike[str]]) -> LoadReport:
     return LoadReport(trees, used, errors)
 
 
-def split_by_task(items: Sequence[Any], eval_fraction: float, seed: int, key=lambda x: x.task) -> tuple[list, list]:
-    """Split by task id (stable under reordering: the order is a seeded hash of the id).
+def split_by_task(items: Sequence[Any], eval_fraction: float, seed: int, key=lambda x: getattr(x, "group", "") or x.task) -> tuple[list, list]:
+    """Split by task (stable under reordering: the order is a seeded hash of the task key).
+    Items with the same key (copies of one task from two annotators) land on the same side.
 
     With ``eval_fraction > 0`` and at least two tasks, at least one task is held out and at
     least one is kept for training."""
     if not 0.0 <= eval_fraction < 1.0:
         raise DataError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
-    keyed = sorted(items, key=lambda x: hashlib.sha256(f"{seed}:{key(x)}".encode()).hexdigest())
-    n_eval = int(round(eval_fraction * len(keyed)))
-    if eval_fraction > 0 and len(keyed) >= 2:
-        n_eval = min(max(n_eval, 1), len(keyed) - 1)
+    groups: dict[str, list] = {}
+    for x in items:
+        groups.setdefault(str(key(x)), []).append(x)
+    order = sorted(groups, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
+    n_eval = int(round(eval_fraction * len(order)))
+    if eval_fraction > 0 and len(order) >= 2:
+        n_eval = min(max(n_eval, 1), len(order) - 1)
     else:
         n_eval = 0
-    return keyed[n_eval:], keyed[:n_eval]
+    return [x for k in order[n_eval:] for x in groups[k]], [x for k in order[:n_eval] for x in groups[k]]
 
 
 # ----------------------------------------------------------------------------- tree walks
@@ -366,7 +382,7 @@ def build_task(tree: SteerTree, opts: DataOptions, vocab: VocabCheck | None = No
     retok = not vocab.same(tree)
     if retok:
         vocab.warn_once(tree)
-    ex = TaskExample(tree.id, retokenized=retok)
+    ex = TaskExample(tree.id, retokenized=retok, group=str(tree.extra.get("split_group") or tree.id))
     eos_ids = list((tree.model or {}).get("eos_ids") or [])
     if retok:
         eos = getattr(vocab.tokenizer, "eos_token_id", None)

@@ -135,10 +135,6 @@ def test_two_annotators_same_queue_ids_export_keys_unique(tmp_path):
     assert len(set(keys)) == len(keys), keys
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train.data.load_trees keeps only the first tree of a task id seen in two --data dirs ('using the "
-    "first'), so bob's steers on the shared queue task are silently left out of training (train helper)"
-))
 def test_two_annotators_same_queue_ids_train_data_keeps_both(tmp_path):
     pytest.importorskip("train.data")
     from train.data import load_trees

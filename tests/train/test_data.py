@@ -211,3 +211,11 @@ def test_mismatched_vocab_retokenizes_each_span(smol_tokenizer, caplog):
     # the same vocabulary (by hash) uses the stored ids untouched
     same = VocabCheck(tokenizer=smol_tokenizer, vocab_sha256="v")
     assert not build_task(t, DataOptions(), same).retokenized
+
+
+def test_split_keeps_copies_of_one_task_together():
+    items = [type("E", (), {"task": f"t{i}.{j}" if j else f"t{i}", "group": f"t{i}"})() for i in range(6) for j in range(2)]
+    for seed in range(5):
+        tr, ev = split_by_task(items, 0.34, seed=seed)
+        assert ev and tr
+        assert not {e.group for e in tr} & {e.group for e in ev}
