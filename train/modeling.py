@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from steer_tui.core.store import file_sha256
+
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
@@ -64,14 +66,6 @@ def is_gguf(path: str | os.PathLike[str]) -> bool:
             return fh.read(4) == GGUF_MAGIC
     except OSError:
         return False
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_model(spec: str | None, tree_models: Iterable[dict] = ()) -> ModelSource:

@@ -39,6 +39,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
+from steer_tui.core.store import file_sha256  # re-exported: model and adapter provenance
+
 __all__ = [
     "END_REASONS",
     "BaseEngine",
@@ -575,14 +577,6 @@ class BaseEngine:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
