@@ -19,10 +19,15 @@ the base model's held-out measurements are cached under ``bench/out/cache`` (key
 everything they depend on), so trying training settings costs only training + the tuned
 model's held-out run::
 
-    python bench/loop.py                               # steer-train defaults, ~20 min on 2 cores
+    python bench/loop.py                               # steer-train defaults (see below for time)
     python bench/loop.py --train-args "--lr 1e-4 --epochs 3" --name lr1e-4
     python bench/loop.py --trials                      # table of every trial run so far
     python bench/loop.py --quick                       # tiny end-to-end run (CI), ~1-2 min
+
+Time: ~14k generated tokens (capture + base + tuned held-out) plus one steer-train run. On
+a 2-core machine shared with other jobs (load 8-12) the stages took 25 min (capture), 36 min
+(base held-out), 15 min (training) and 27-41 min (tuned held-out); on an idle machine
+llama.cpp is 5-10x faster, which the 20-minute budget assumes but was not measured here.
 
 Pass/fail: the steer rate must fall by >= 50% (``--target-drop``) and every guard must be
 within its bound (see ``GUARDS``); the exit code is 0 either way unless ``--strict``.
