@@ -157,14 +157,16 @@ def run_app(store: Store, task_id: str, rng: random.Random) -> None:
     from steer_tui.ui.app import SessionFactory, make_app
     from steer_tui.ui.config import UIConfig
 
+    # no annotator: a queue line's "id" is then the task id as is (with an annotator the
+    # app names queue tasks "<id>-<annotator>"), so the checker finds tasks/<task_id>.json
     factory = SessionFactory(store=store, engine=FakeEngine(), sampling={"temperature": 0.9, "seed": rng.randrange(2**31), "max_tokens": 12},
-                             annotator="alice")
+                             annotator=None)
     if store.exists(task_id):
-        app = make_app(session_factory=factory, config=UIConfig(annotator="alice"), task_id=task_id)
+        app = make_app(session_factory=factory, config=UIConfig(annotator=None), task_id=task_id)
     else:
         from steer_tui.core.tasks import TaskSpec
 
-        app = make_app(session_factory=factory, config=UIConfig(annotator="alice"),
+        app = make_app(session_factory=factory, config=UIConfig(annotator=None),
                        tasks=[TaskSpec(prompt="Give four examples of fruit.", id=task_id)])
 
     async def idle(pilot) -> None:
