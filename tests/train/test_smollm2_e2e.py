@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 llama_cpp = pytest.importorskip("llama_cpp")
 
-pytestmark = pytest.mark.slow
+
 
 PROMPTS = ["Give four examples of fruit.", "Name three colors.", "Write one sentence about cats."]
 
