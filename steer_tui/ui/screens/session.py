@@ -27,7 +27,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 from textual.worker import Worker, WorkerState
 
-from steer_tui.core.session import SaveError
+from steer_tui.core.session import SaveError, TokenInfo
 from steer_tui.core.text import TextDecoder
 from steer_tui.core.text import pieces as text_pieces
 from steer_tui.ui.keys import SESSION_KEYS, bindings
@@ -45,18 +45,6 @@ BATCH_SECONDS = 0.05
 STATUS_SECONDS = 0.5  # tokens/s and context in the status bar while streaming
 GHOST_CHARS = 120  # rejected text shown (struck through) before a correction, at most
 NEWLINE_MARK = "\u21b5"  # typed with ctrl+j in the correction editor, saved as "\n"
-
-
-@dataclass
-class TokenAt:
-    index: int
-    node_id: str
-    id: int
-    text: str
-    logprob: float | None
-    top: list[tuple[int, float]] | None
-    author: str
-    kind: str
 
 
 @dataclass
@@ -334,16 +322,17 @@ class SessionScreen(Screen[None]):
             t.append(f"  {tok.author}/{tok.kind} {tok.node_id}", style="dim")
         info.info = t
 
-    def _token_info(self, index: int) -> TokenAt:
+    def _token_info(self, index: int) -> TokenInfo:
         """The response token ``index`` of the current path, from the tree (no copies)."""
         path = self._path
         if path is None or path.starts is None or self.view.n_tokens != self._path_tokens():
             self._path = path = path_view(self.session)
         node, off = path.locate(index)
         top = [(int(t), float(lp)) for t, lp in node.top[off]] if node.top is not None else None
-        return TokenAt(
+        return TokenInfo(
             index=index,
             node_id=node.id,
+            offset=off,
             id=node.tokens[off],
             text=self.view.token_text(index),
             logprob=node.logprobs[off] if node.logprobs is not None else None,
