@@ -42,6 +42,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--dpo-weight", type=float)
     p.add_argument("--rpo-alpha", type=float, help="SFT term on the chosen span (RPO-style)")
     p.add_argument("--kl-weight", type=float, help="reference KL on model-written tokens")
+    p.add_argument("--kl-mode", choices=["full", "token"],
+                   help="full: exact KL over the vocabulary (one extra no-grad forward); token: k3 estimate")
     p.add_argument("--lora-r", type=int)
     p.add_argument("--lora-alpha", type=float)
     p.add_argument("--lora-dropout", type=float)

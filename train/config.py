@@ -28,6 +28,7 @@ from typing import Any
 OBJECTIVES = ("sft", "dpo", "sft+dpo")
 LOSS_TYPES = ("sigmoid", "ipo")
 PACKINGS = ("tree", "none")
+KL_MODES = ("full", "token")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,7 @@ class TrainConfig:
     dpo_weight: float = 1.0
     rpo_alpha: float = 0.0
     kl_weight: float = 0.1
+    kl_mode: str = "full"
     # optimisation
     lr: float = 5e-5
     epochs: float = 2.0
@@ -94,6 +96,8 @@ class TrainConfig:
             raise bad("objective", f"must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
         if self.loss_type not in LOSS_TYPES:
             raise bad("loss_type", f"must be one of {', '.join(LOSS_TYPES)}, not {self.loss_type!r}")
+        if self.kl_mode not in KL_MODES:
+            raise bad("kl_mode", f"must be one of {', '.join(KL_MODES)}, not {self.kl_mode!r}")
         if self.packing not in PACKINGS:
             raise bad("packing", f"must be one of {', '.join(PACKINGS)}, not {self.packing!r}")
         for k in ("lr", "beta", "epochs"):

@@ -32,6 +32,7 @@ __all__ = [
     "DPOOutput",
     "chosen_nll",
     "reference_kl",
+    "full_reference_kl",
     "dpo_metrics",
 ]
 
@@ -193,6 +194,39 @@ def reference_kl(policy: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
     d = (policy - reference.detach()).clamp(-20.0, 20.0)
     k3 = torch.exp(d) - 1.0 - d
     return (k3 * m).sum() / total
+
+
+def full_reference_kl(policy_rows: Sequence[Tensor], reference_rows: Sequence[Tensor]) -> Tensor:
+    """Exact KL(policy ‖ reference) over the whole vocabulary, averaged over positions.
+
+    Unlike the one-token k3 estimate (:func:`reference_kl`), this sees every token's
+    probability at every position, so the adapter cannot quietly move mass to a token the
+    model did not happen to sample there: end-of-sequence above all (the shortening that
+    localized DPO causes on a small model, see docs/loop.md), or a favourite word.
+
+    Args:
+        policy_rows: per sequence, ``(n_i, V)`` policy log-softmax rows at the positions the
+            KL covers (model-written targets), with grad.
+        reference_rows: the same shapes from the reference model (no grad).
+
+    Returns:
+        scalar: mean over all positions of ``sum_v p(v) (log p(v) - log q(v))``; 0 with a
+        graph when there are no positions.
+    """
+    if len(policy_rows) != len(reference_rows):
+        raise ValueError(f"full_reference_kl: {len(policy_rows)} policy vs {len(reference_rows)} reference sequences")
+    total, n = None, 0
+    for i, (lp, lq) in enumerate(zip(policy_rows, reference_rows)):
+        if lp.shape != lq.shape:
+            raise ValueError(f"full_reference_kl: sequence {i}: shapes differ: {tuple(lp.shape)} vs {tuple(lq.shape)}")
+        if lp.shape[0] == 0:
+            continue
+        kl = (lp.exp() * (lp - lq.detach())).sum()
+        total = kl if total is None else total + kl
+        n += lp.shape[0]
+    if total is None:
+        return sum(r.sum() for r in policy_rows) * 0.0 if policy_rows else torch.zeros(())
+    return total / n
 
 
 def dpo_metrics(out: DPOOutput) -> dict[str, float]:

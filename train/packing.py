@@ -423,11 +423,24 @@ def _child_logprobs(logits: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor) 
     return logits[src, tgt] - lse[src]
 
 
-def _tree_forward(model, plan: PackPlan, device) -> list[torch.Tensor]:
+def _needed_rows(logits: torch.Tensor, src: torch.Tensor, need: np.ndarray | None, start: int,
+                 dists: list[torch.Tensor]) -> None:
+    """Append the full log-softmax rows of the needed edges ``start .. start+len(src)``."""
+    if need is None:
+        return
+    local = np.flatnonzero(need[start : start + len(src)])
+    if len(local):
+        idx = src[torch.from_numpy(local).to(src.device)]
+        dists.append(torch.log_softmax(logits[idx].float(), dim=-1))
+
+
+def _tree_forward(model, plan: PackPlan, device, need: np.ndarray | None = None,
+                  dists: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     impl = getattr(_config(model), "_attn_implementation", None) or "eager"
     dtype = _model_dtype(model)
     can_keep = "logits_to_keep" in _forward_params(model)
     parts = []
+    start = 0
     for row in plan.rows:
         ids = torch.from_numpy(row.tokens).to(device)[None]
         pos = torch.from_numpy(row.depth).to(device)[None]
@@ -441,11 +454,15 @@ def _tree_forward(model, plan: PackPlan, device) -> list[torch.Tensor]:
         src = torch.from_numpy(row.child_src).to(device)
         tgt = torch.from_numpy(row.tokens[row.child]).to(device)
         parts.append(_child_logprobs(logits, src, tgt))
+        _needed_rows(logits, src, need, start, dists)
+        start += len(src)
     return parts
 
 
-def _linear_forward(model, plan: PackPlan, seqs: list[np.ndarray], device) -> list[torch.Tensor]:
+def _linear_forward(model, plan: PackPlan, seqs: list[np.ndarray], device, need: np.ndarray | None = None,
+                    dists: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     parts = []
+    start = 0
     for batch, width in zip(plan.linear_rows, plan.linear_width):
         ids = np.zeros((len(batch), width), dtype=np.int64)
         attn = np.zeros((len(batch), width), dtype=np.int64)
@@ -459,6 +476,8 @@ def _linear_forward(model, plan: PackPlan, seqs: list[np.ndarray], device) -> li
         flat = logits.reshape(-1, logits.shape[-1])
         src = torch.arange(flat.shape[0], device=device)
         parts.append(_child_logprobs(flat, src, ids_t[:, 1:].reshape(-1)))
+        _needed_rows(flat, src, need, start, dists)
+        start += len(src)
     return parts
 
 
@@ -471,7 +490,8 @@ def token_logprobs(
     device=None,
     fallback: bool = False,
     plan: PackPlan | None = None,
-) -> list[torch.Tensor]:
+    dist_masks: Sequence[Sequence[bool]] | None = None,
+):
     """Per-token log-probs of each sequence under `model` (a HF causal LM, maybe peft).
 
     out[i][j] = log p(sequences[i][j+1] | sequences[i][:j+1]), fp32, shape
@@ -484,6 +504,10 @@ def token_logprobs(
     fallback: when tree packing is impossible for this model, warn and use "none"
         instead of raising TreePackingUnsupported.
     plan: a `plan_packing(sequences, ...)` result to reuse (policy + reference passes).
+    dist_masks: per sequence, one flag per predicted token (length ``len(seq) - 1``); when
+        given, the call returns ``(logps, dists)`` where ``dists[i]`` holds the full
+        log-softmax rows ``[n_i, vocab]`` (fp32) at the flagged predictions, in order (for a
+        full-distribution KL). Only those rows are materialised.
     """
     if packing not in PACKINGS:
         raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
@@ -503,14 +527,41 @@ def token_logprobs(
             if not fallback:
                 raise TreePackingUnsupported(f"tree packing refused: {reason}")
             warnings.warn(f"tree packing refused, using packing='none': {reason}", stacklevel=2)
-            return token_logprobs(model, seqs, packing="none", token_budget=token_budget, device=device)
+            return token_logprobs(model, seqs, packing="none", token_budget=token_budget, device=device,
+                                  dist_masks=dist_masks)
+    need = None
+    if dist_masks is not None:
+        if len(dist_masks) != len(seqs):
+            raise ValueError(f"dist_masks has {len(dist_masks)} entries for {len(seqs)} sequences")
+        flags = []
+        for i, (m, n) in enumerate(zip(dist_masks, plan.seq_counts)):
+            a = np.asarray(m, dtype=bool).reshape(-1)
+            if len(a) != n:
+                raise ValueError(f"dist_masks[{i}] has {len(a)} flags; sequences[{i}] predicts {n} tokens")
+            flags.append(a)
+        picked_flags = np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
+        n_edges = (sum(len(r.child_src) for r in plan.rows) if packing == "tree"
+                   else sum(len(b) * (w - 1) for b, w in zip(plan.linear_rows, plan.linear_width)))
+        need = np.zeros(n_edges, dtype=bool)
+        need[plan.seq_index[picked_flags]] = True
+    dists: list[torch.Tensor] = []
     dev = _model_device(model, device)
     if packing == "tree":
-        parts = _tree_forward(model, plan, dev)
+        parts = _tree_forward(model, plan, dev, need, dists)
     else:
-        parts = _linear_forward(model, plan, seqs, dev)
+        parts = _linear_forward(model, plan, seqs, dev, need, dists)
     if not parts:
-        return [torch.zeros(0, dtype=torch.float32, device=dev) for _ in seqs]
-    flat = torch.cat(parts)
-    picked = flat[torch.from_numpy(plan.seq_index).to(dev)]
-    return list(torch.split(picked, list(plan.seq_counts)))
+        logps = [torch.zeros(0, dtype=torch.float32, device=dev) for _ in seqs]
+    else:
+        flat = torch.cat(parts)
+        picked = flat[torch.from_numpy(plan.seq_index).to(dev)]
+        logps = list(torch.split(picked, list(plan.seq_counts)))
+    if need is None:
+        return logps
+    # rows were appended in flat-edge order; rank maps a needed edge to its row
+    rank = np.cumsum(need) - 1
+    table = torch.cat(dists) if dists else torch.zeros(0, 0, dtype=torch.float32, device=dev)
+    rows = torch.from_numpy(rank[plan.seq_index[picked_flags]]).to(dev)
+    gathered = table[rows] if len(rows) else table[:0]
+    counts = [int(f.sum()) for f in flags]
+    return logps, list(torch.split(gathered, counts))

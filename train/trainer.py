@@ -22,7 +22,8 @@ from transformers import Trainer, TrainerCallback
 
 from train.config import TrainConfig
 from train.data import TaskExample
-from train.losses import chosen_nll, dpo_loss, dpo_metrics, pad_logps, reference_kl, span_logps, weighted_nll
+from train.losses import (chosen_nll, dpo_loss, dpo_metrics, full_reference_kl, pad_logps, reference_kl, span_logps,
+                          weighted_nll)
 from train.packing import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,14 @@ class Batch:
                     self.sequences.append(p.rejected_ids)
                     self.keys.append((t.task, "rejected", i))
                     self.pairs.append(p)
+
+    def kl_masks(self) -> list[list[bool]]:
+        """Per sequence, which predictions the reference KL covers: the model-written
+        targets of the SFT paths; nothing on the DPO sequences."""
+        masks: list[list[bool]] = [[False] * (len(s) - 1) for s in self.sequences]
+        for i, s in zip(self.sft_idx, self.sft):
+            masks[i] = [bool(m) for m in s.model_mask[1:]]
+        return masks
 
 
 class ReferenceCache:
@@ -187,15 +196,43 @@ class SteerTrainer(Trainer):
         if not batch.sequences:
             loss = sum(p.sum() * 0.0 for p in inner.parameters() if p.requires_grad)
             return (loss, {}) if return_outputs else loss
-        logps = token_logprobs(fwd, batch.sequences, packing=cfg.packing, token_budget=cfg.token_budget, fallback=True)
+        full_kl = cfg.kl_weight > 0 and cfg.kl_mode == "full" and bool(batch.sft_idx)
+        dists = None
+        if full_kl:
+            masks = batch.kl_masks()
+            logps, dists = token_logprobs(fwd, batch.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
+                                          fallback=True, dist_masks=masks)
+        else:
+            logps = token_logprobs(fwd, batch.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
+                                   fallback=True)
         device = logps[0].device
         ref = self.reference.get(batch.keys, device)
         terms = self.loss_terms(batch, logps, ref, device)
+        if dists is not None:
+            ref_dists = self.reference_dists(inner, batch, [masks[i] for i in batch.sft_idx])
+            kl = full_reference_kl([dists[i] for i in batch.sft_idx], ref_dists)
+            terms["loss"] = terms["loss"] + cfg.kl_weight * kl
+            terms["kl"] = kl.detach()
         loss = terms.pop("loss")
         self._check_finite(loss)
         for k, v in terms.items():
             self._metrics[k].append(float(v))
         return (loss, {}) if return_outputs else loss
+
+    @torch.no_grad()
+    def reference_dists(self, model, batch: Batch, masks: list) -> list[torch.Tensor]:
+        """The base model's full log-softmax rows at the flagged positions of the SFT
+        sequences (adapter disabled, eval mode, no grad): the other side of the full KL."""
+        cfg = self.steer_config
+        was_training = model.training
+        model.eval()
+        try:
+            with _adapter_disabled(model):
+                _, rows = token_logprobs(model, [batch.sequences[i] for i in batch.sft_idx], packing=cfg.packing,
+                                         token_budget=cfg.token_budget, fallback=True, dist_masks=masks)
+        finally:
+            model.train(was_training)
+        return rows
 
     def loss_terms(self, batch: Batch, logps: list[torch.Tensor], ref: list[torch.Tensor], device) -> dict[str, Any]:
         """Combine the loss terms of one batch; returns ``loss`` (scalar) and float metrics."""
@@ -211,7 +248,7 @@ class SteerTrainer(Trainer):
                 sft = weighted_nll(pol, w, normalize="token")
                 loss = loss + cfg.sft_weight * sft
                 out["sft_loss"] = sft.detach()
-            if cfg.kl_weight > 0 and bool((mm > 0).any()):
+            if cfg.kl_weight > 0 and cfg.kl_mode == "token" and bool((mm > 0).any()):
                 kl = reference_kl(pol, ref_s, mm)
                 loss = loss + cfg.kl_weight * kl
                 out["kl"] = kl.detach()

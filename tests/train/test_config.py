@@ -32,7 +32,8 @@ def test_bad_toml(tmp_path, text, msg):
 @pytest.mark.parametrize(
     "kw, flag",
     [({"objective": "ppo"}, "--objective"), ({"beta": 0}, "--beta"), ({"eval_fraction": 1.0}, "--eval-fraction"),
-     ({"lora_r": 0}, "--lora-r"), ({"rejected_tokens": 0}, "--rejected-tokens"), ({"kl_weight": -1}, "--kl-weight")],
+     ({"lora_r": 0}, "--lora-r"), ({"rejected_tokens": 0}, "--rejected-tokens"), ({"kl_weight": -1}, "--kl-weight"),
+     ({"kl_mode": "sampled"}, "--kl-mode")],
 )
 def test_validation_names_the_flag(kw, flag):
     with pytest.raises(ConfigError, match=flag):

@@ -12,6 +12,7 @@ from train.losses import (  # noqa: E402
     chosen_nll,
     dpo_loss,
     dpo_metrics,
+    full_reference_kl,
     pad_logps,
     reference_kl,
     span_logps,
@@ -108,3 +109,24 @@ def test_reference_kl_k3_by_hand():
     # non-negative for any difference
     d = torch.linspace(-5, 5, 11, dtype=torch.float64)[None]
     assert reference_kl(d, torch.zeros_like(d), torch.ones_like(d)).item() >= 0
+
+
+def test_full_reference_kl_by_hand_and_zero_at_the_reference():
+    p = torch.log(t([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
+    q = torch.log(t([[0.25, 0.25, 0.5], [0.1, 0.1, 0.8]]))
+    row0 = 0.5 * math.log(2) + 0.25 * 0 + 0.25 * math.log(0.5)  # KL(p||q) of the first row
+    # mean over all positions of both sequences: (row0 + 0) / 2, then the empty one adds none
+    assert full_reference_kl([p, p[:0]], [q, q[:0]]).item() == pytest.approx(row0 / 2)
+    assert full_reference_kl([q], [q]).item() == pytest.approx(0.0)
+    # a policy that moves mass onto a token the reference almost never writes pays for it
+    eos_up = torch.log(t([[0.45, 0.25, 0.2, 0.1]]))
+    ref = torch.log(t([[0.5, 0.25, 0.25 - 1e-6, 1e-6]]))
+    assert full_reference_kl([eos_up], [ref]).item() > 0.9
+
+
+def test_full_reference_kl_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="1 policy vs 2 reference"):
+        full_reference_kl([t([[0.0]])], [t([[0.0]]), t([[0.0]])])
+    with pytest.raises(ValueError, match="shapes differ"):
+        full_reference_kl([t([[0.0, 0.0]])], [t([[0.0]])])
+    assert full_reference_kl([], []).item() == 0.0

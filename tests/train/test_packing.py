@@ -436,3 +436,47 @@ def test_bundled_model_tree_equals_linear(smollm):
     assert max_diff(tree_lp, lin_lp) <= TOL
     for n in tree:
         assert torch.allclose(tree[n], lin[n], atol=TOL, rtol=1e-4), (n, float((tree[n] - lin[n]).abs().max()))
+
+
+# --------------------------------------------------------------------------- full rows (full KL)
+
+
+def full_rows(model, seq):
+    return model(input_ids=torch.tensor([seq])).logits[0].float().log_softmax(-1)[:-1]
+
+
+@pytest.mark.parametrize("packing", ["tree", "none"])
+def test_dist_masks_return_the_full_rows_at_flagged_predictions(model, packing):
+    seqs = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [7], [1, 2, 3, 4, 5], [6, 5, 4]]
+    masks = [[True, False, True, True], [False, True, True], [], [False, False, False, True], [False, False]]
+    with torch.no_grad():
+        plain = token_logprobs(model, seqs, packing=packing, token_budget=7)
+        logps, dists = token_logprobs(model, seqs, packing=packing, token_budget=7, dist_masks=masks)
+    assert max_diff(logps, plain) == 0
+    for s, m, d in zip(seqs, masks, dists):
+        assert d.shape == (sum(m), VOCAB)
+        if len(s) > 1:
+            want = full_rows(model, s)[torch.tensor(m, dtype=torch.bool)]
+            assert torch.allclose(d, want, atol=1e-5)
+
+
+def test_dist_masks_carry_gradients_and_match_between_packings(model):
+    m = lora(model)
+    seqs = [[1, 2, 3, 4], [1, 2, 5, 6, 7], [1, 2, 3, 8]]
+    masks = [[False, True, True], [True, True, False, True], [False, False, True]]
+    grads = {}
+    for packing in ("tree", "none"):
+        m.zero_grad(set_to_none=True)
+        _, dists = token_logprobs(m, seqs, packing=packing, dist_masks=masks)
+        sum((d.exp() * d).sum() for d in dists).backward()  # minus the entropy: touches every row
+        grads[packing] = [p.grad.clone() for p in m.parameters() if p.requires_grad]
+    for a, b in zip(grads["tree"], grads["none"]):
+        assert torch.allclose(a, b, atol=TOL)
+        assert a.abs().sum() > 0
+
+
+def test_dist_masks_must_match_the_sequences(model):
+    with pytest.raises(ValueError, match="dist_masks has 1 entries for 2 sequences"):
+        token_logprobs(model, [[1, 2], [3, 4]], dist_masks=[[True]])
+    with pytest.raises(ValueError, match=r"dist_masks\[0\] has 2 flags; sequences\[0\] predicts 1"):
+        token_logprobs(model, [[1, 2]], dist_masks=[[True, True]])
