@@ -417,20 +417,27 @@ def plot(res: dict, path: Path, title: str) -> None:
 
 
 def trials_table(out: Path) -> str:
+    """Markdown table of every trial under ``out/trials``, in the order they finished. Trials run before
+    ``--kl-mode`` existed used the one-token estimate and read ``token``."""
     rows = []
-    for f in sorted((out / "trials").glob("*/result.json")):
-        r = json.loads(f.read_text())
+    files = sorted((out / "trials").glob("*/result.json"), key=lambda f: f.stat().st_mtime)
+    for r in (json.loads(f.read_text()) for f in files):
         c = r["comparison"]
         g = c["guards"]
         acc = c.get("steer_accuracy") or {}
-        rows.append(f"| {r['name']} | `{' '.join(r['train_args']) or '(defaults)'}` | "
+        kl = f"{r['config'].get('kl_weight')} {r['config'].get('kl_mode', 'token')}"
+        eos = c.get("eos_share", {})
+        rows.append(f"| {r['name']} | `{' '.join(r['train_args']) or '(defaults)'}` | {kl} | {r['train_steers']} | "
+                    f"{r['base_heldout']['samples']} | "
                     f"{c['steer_rate']['base']:.1f} -> {c['steer_rate']['tuned']:.1f} ({c['steer_rate']['drop']:.0%}) | "
                     f"{acc.get('base', float('nan')):.2f} -> {acc.get('tuned', float('nan')):.2f} | "
                     + " | ".join(f"{g[k]['ratio']:.2f}{'' if g[k]['ok'] else ' FAIL'}" for k in
                                  ("mean_tokens", "rep4", "base_nll", "neutral_ppl"))
+                    + f" | {eos.get('base', 0):.2f} -> {eos.get('tuned', 0):.2f}"
                     + f" | {r['train_seconds']:.0f} | {'PASS' if c['pass'] else 'FAIL'} |")
-    head = ("| trial | steer-train settings | steers/1k held-out (drop) | steer acc. | length | rep-4 | base NLL | "
-            "neutral ppl | train s | verdict |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| trial | steer-train settings | KL | train steers | held-out answers | steers/1k held-out (drop) | "
+            "steer acc. | length | rep-4 | base NLL | neutral ppl | EOS share | train s | verdict |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows)
 
 
@@ -530,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     tdir.mkdir(parents=True, exist_ok=True)
     (tdir / "result.json").write_text(json.dumps(report, indent=1))
+    with open(tdir / "tuned_answers.jsonl", "w", encoding="utf-8") as f:  # every tuned answer, to read
+        for r in tuned["records"]:
+            f.write(json.dumps(r) + "\n")
     (out / "loop.json").write_text(json.dumps(report, indent=1))
     title = (f"steer loop: {cap['steers']} training steers, steer-train {' '.join(train_args) or '(defaults)'}; "
              f"{base['samples']} held-out samples")
