@@ -206,15 +206,32 @@ def load_tasks(path: Path) -> list:
     return tasks
 
 
-def guards_of(engine_base, tasks, recs: list[dict], ppl: float) -> dict[str, float]:
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (0 for fewer than two values)."""
+    if not xs:
+        return 0.0, 0.0
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return m, math.sqrt(var / len(xs))
+
+
+def answer_stats(engine, recs: list[dict]) -> dict[str, float]:
+    """Mean length and repeated-4-gram rate of the answers, each with its standard error
+    (the answers are few, and one looping answer moves the mean: the table shows how much)."""
     lens, reps = [], []
     for r in recs:
-        toks = engine_base.tokenize(r["text"])
+        toks = engine.tokenize(r["text"])
         lens.append(len(toks))
         reps.append(repeated_ngram_rate(toks))
+    (ml, sl), (mr, sr) = mean_se(lens), mean_se(reps)
+    return {"mean_tokens": ml, "mean_tokens_se": sl, "rep4": mr, "rep4_se": sr}
+
+
+def guards_of(engine_base, tasks, recs: list[dict], ppl: float) -> dict[str, float]:
     return {
-        "mean_tokens": sum(lens) / len(lens) if lens else 0.0,
-        "rep4": sum(reps) / len(reps) if reps else 0.0,
+        **answer_stats(engine_base, recs),
         "base_nll": answer_nll(engine_base, tasks, recs),
         "neutral_ppl": ppl,
         "eos_share": sum(1 for r in recs if r["end"] == "eos") / len(recs) if recs else 0.0,
@@ -255,7 +272,15 @@ def heldout_base(st: Settings, cache: Path, model_sha: str) -> tuple[Path, dict]
     done = d / "summary.json"
     if done.is_file():
         log(f"held-out base: cached in {d}")
-        return d / "store" / "tasks", json.loads(done.read_text())
+        res = json.loads(done.read_text())
+        if "rep4_se" not in res["guards"]:  # cached by an older bench/loop.py
+            engine = open_engine(None, n_ctx=st.n_ctx, n_threads=st.threads)
+            try:
+                res["guards"].update(answer_stats(engine, res["records"]))
+            finally:
+                engine.close()
+            done.write_text(json.dumps(res, indent=1))
+        return d / "store" / "tasks", res
     tasks = load_tasks(st.heldout_prompts)
     log(f"held-out base: {len(tasks)} prompts x {st.heldout_samples} samples")
     t0 = time.time()
@@ -338,7 +363,8 @@ def compare(base: dict, tuned: dict, acc: dict | None, target_drop: float) -> di
     for g in GUARDS:
         bv, tv = base["guards"][g.key], tuned["guards"][g.key]
         guards[g.key] = {"label": g.label, "base": bv, "tuned": tv, "ratio": tv / bv if bv else None,
-                         "bounds": g.bounds(), "ok": g.ok(bv, tv)}
+                         "bounds": g.bounds(), "ok": g.ok(bv, tv),
+                         "base_se": base["guards"].get(g.key + "_se"), "tuned_se": tuned["guards"].get(g.key + "_se")}
     res = {
         "steer_rate": {"base": b, "tuned": t, "drop": drop, "target_drop": target_drop, "ok": drop >= target_drop,
                        "base_steers": base["steers"], "base_tokens": base["model_tokens"],
@@ -372,6 +398,8 @@ def table(res: dict) -> str:
         ratio = f"{g['ratio']:7.3f}" if g["ratio"] is not None else "      -"
         lines.append(f"{g['label']:34s} {g['base']:9.3f} {g['tuned']:9.3f} {ratio}  {g['bounds']:13s}  "
                      f"{'ok' if g['ok'] else 'FAIL'}")
+        if g.get("base_se") is not None and g.get("tuned_se") is not None:
+            lines.append(f"{'  +- standard error':34s} {g['base_se']:9.3f} {g['tuned_se']:9.3f}")
     e = res["eos_share"]
     lines.append(f"{'share of answers ending in EOS':34s} {e['base']:9.2f} {e['tuned']:9.2f}")
     lines.append(f"{'per rule, steers / 1k tokens':34s}")

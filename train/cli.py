@@ -48,6 +48,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float)
     p.add_argument("--lora-dropout", type=float)
     p.add_argument("--no-lora-mlp", dest="lora_mlp", action="store_false", default=None, help="LoRA on attention only")
+    p.add_argument("--lora-layers", help="blocks that get LoRA: all (default), last:N, or 0-based 'A-B,C'")
     p.add_argument("--eval-fraction", type=float)
     p.add_argument("--model-token-weight", type=float)
     p.add_argument("--accepted-weight", type=float)

@@ -74,6 +74,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_mlp: bool = True
+    lora_layers: str = "all"  # "all", "last:N" or 0-based "A-B,C"
     # execution
     packing: str = "tree"
     token_budget: int = 4096
@@ -114,12 +115,53 @@ class TrainConfig:
             raise bad("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         if not 0 <= self.label_smoothing < 0.5:
             raise bad("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        try:
+            parse_layers(self.lora_layers)
+        except ValueError as exc:
+            raise bad("lora_layers", str(exc)) from None
         if self.rejected_tokens is not None and self.rejected_tokens < 1:
             raise bad("rejected_tokens", f"must be >= 1, got {self.rejected_tokens}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_layers(spec: str, n_layers: int | None = None) -> list[int] | None:
+    """``--lora-layers``: ``"all"`` -> None (every block); ``"last:N"`` -> the last N blocks;
+    ``"A-B,C"`` -> those 0-based block indices. With ``n_layers``, indices are checked
+    against the model (ValueError with the reason)."""
+    spec = str(spec).strip().lower()
+    if spec in ("", "all"):
+        return None
+    if spec.startswith("last:"):
+        try:
+            n = int(spec[5:])
+        except ValueError:
+            raise ValueError(f"{spec!r}: 'last:N' needs a whole number N") from None
+        if n < 1:
+            raise ValueError(f"{spec!r}: 'last:N' needs N >= 1")
+        if n_layers is None:
+            return []
+        if n > n_layers:
+            raise ValueError(f"{spec!r}: the model has only {n_layers} layers")
+        return list(range(n_layers - n, n_layers))
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                if b < a:
+                    raise ValueError
+                out.update(range(a, b + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise ValueError(f"{spec!r}: expected 'all', 'last:N' or 0-based indices like '20-29,5'") from None
+    if n_layers is not None and max(out) >= n_layers:
+        raise ValueError(f"{spec!r}: layer {max(out)} does not exist; the model has layers 0-{n_layers - 1}")
+    return sorted(out)
 
 
 def field_names() -> set[str]:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from transformers import Trainer, TrainerCallback
 
-from train.config import TrainConfig
+from train.config import ConfigError, TrainConfig, parse_layers
 from train.data import TaskExample
 from train.losses import (chosen_nll, dpo_loss, dpo_metrics, full_reference_kl, pad_logps, reference_kl, span_logps,
                           weighted_nll)
@@ -330,8 +330,16 @@ def build_peft_model(model, cfg: TrainConfig):
     from train.modeling import lora_target_modules
 
     targets = lora_target_modules(model, mlp=cfg.lora_mlp)
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    try:
+        layers = parse_layers(cfg.lora_layers, n_layers)
+    except ValueError as exc:
+        raise ConfigError(f"--lora-layers {exc}") from None
+    if layers == []:
+        raise ConfigError(f"--lora-layers {cfg.lora_layers!r}: cannot tell how many layers {type(model).__name__} has")
+    extra = {"layers_to_transform": layers} if layers is not None else {}
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                    target_modules=targets, bias="none", task_type="CAUSAL_LM", **extra)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -31,6 +31,15 @@ def test_repeated_ngram_rate_by_hand():
     assert loop.repeated_ngram_rate([7] * 10) == pytest.approx(6 / 7)
 
 
+def test_mean_and_standard_error_by_hand():
+    loop = _loop()
+    assert loop.mean_se([]) == (0.0, 0.0)
+    assert loop.mean_se([3.0]) == (3.0, 0.0)
+    m, se = loop.mean_se([1.0, 2.0, 3.0, 4.0])
+    # sample variance 5/3, se = sqrt(5/3 / 4)
+    assert m == 2.5 and se == pytest.approx((5 / 3 / 4) ** 0.5)
+
+
 def test_guard_bounds():
     loop = _loop()
     two_sided = loop.Guard("x", "x", 0.85, 1.15)
@@ -67,5 +76,9 @@ def test_quick_loop_end_to_end(tmp_path, monkeypatch):
     assert 1 < c["guards"]["neutral_ppl"]["base"] < 1000
     assert c["steer_accuracy"]["steers"] >= 1 and 0 <= c["steer_accuracy"]["tuned"] <= 1
     assert isinstance(c["pass"], bool)
+    for k in ("mean_tokens", "rep4"):  # the noisy guards carry their standard errors
+        assert c["guards"][k]["base_se"] >= 0 and c["guards"][k]["tuned_se"] >= 0
+    answers = [json.loads(line) for line in (out / "trials" / rep["name"] / "tuned_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == rep["tuned_heldout"]["samples"] and all("text" in a for a in answers)
     # a second run reuses the cached capture and base measurements
     assert (out / "cache").is_dir() and len(list((out / "cache").glob("capture-*/summary.json"))) == 1

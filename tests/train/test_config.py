@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.config import ConfigError, TrainConfig, load_toml, make_config
+from train.config import ConfigError, TrainConfig, load_toml, make_config, parse_layers
 
 
 def test_toml_then_flags(tmp_path):
@@ -33,8 +33,21 @@ def test_bad_toml(tmp_path, text, msg):
     "kw, flag",
     [({"objective": "ppo"}, "--objective"), ({"beta": 0}, "--beta"), ({"eval_fraction": 1.0}, "--eval-fraction"),
      ({"lora_r": 0}, "--lora-r"), ({"rejected_tokens": 0}, "--rejected-tokens"), ({"kl_weight": -1}, "--kl-weight"),
-     ({"kl_mode": "sampled"}, "--kl-mode")],
+     ({"kl_mode": "sampled"}, "--kl-mode"), ({"lora_layers": "last:x"}, "--lora-layers"),
+     ({"lora_layers": "3-1"}, "--lora-layers")],
 )
 def test_validation_names_the_flag(kw, flag):
     with pytest.raises(ConfigError, match=flag):
         make_config(**kw)
+
+
+def test_lora_layers_spec():
+    assert parse_layers("all", 30) is None
+    assert parse_layers("last:3", 30) == [27, 28, 29]
+    assert parse_layers("20-22, 5", 30) == [5, 20, 21, 22]
+    with pytest.raises(ValueError, match="only 30 layers"):
+        parse_layers("last:31", 30)
+    with pytest.raises(ValueError, match="layer 30 does not exist; the model has layers 0-29"):
+        parse_layers("28-30", 30)
+    with pytest.raises(ValueError, match="last:N"):
+        parse_layers("last:0")

@@ -132,6 +132,17 @@ def test_full_kl_matches_the_exact_kl_of_one_forward(tmp_path):
     assert n > 0 and got == pytest.approx(total / n, rel=1e-4, abs=1e-7)
 
 
+def test_lora_layers_puts_lora_on_the_chosen_blocks_only(tmp_path):
+    cfg = make_config(data=["x"], out=str(tmp_path), lora_r=4, lora_layers="last:1")
+    model = build_peft_model(tiny_llama(), cfg)
+    blocks = {n.split(".layers.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert blocks == {str(model.config.num_hidden_layers - 1)}
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--lora-layers .*does not exist"):
+        build_peft_model(tiny_llama(), make_config(data=["x"], out=str(tmp_path), lora_layers="0-99"))
+
+
 def test_cli_run_writes_outputs_and_resumes(tmp_path):
     from train.cli import main
 
