@@ -19,15 +19,15 @@ the base model's held-out measurements are cached under ``bench/out/cache`` (key
 everything they depend on), so trying training settings costs only training + the tuned
 model's held-out run::
 
-    python bench/loop.py                               # steer-train defaults (see below for time)
-    python bench/loop.py --train-args "--lr 1e-4 --epochs 3" --name lr1e-4
+    python bench/loop.py --threads 2                   # steer-train defaults (see below for time)
+    python bench/loop.py --train-args "--lr 1e-4 --kl-weight 10" --name lr1e-4_kl10
     python bench/loop.py --trials                      # table of every trial run so far
     python bench/loop.py --quick                       # tiny end-to-end run (CI), ~1-2 min
 
-Time: ~14k generated tokens (capture + base + tuned held-out) plus one steer-train run. On
-a 2-core machine shared with other jobs (load 8-12) the stages took 25 min (capture), 36 min
-(base held-out), 15 min (training) and 27-41 min (tuned held-out); on an idle machine
-llama.cpp is 5-10x faster, which the 20-minute budget assumes but was not measured here.
+Time: with the defaults (241 captured steers, 80 held-out answers per model), from an empty
+cache on a quiet 2-core CPU with ``--threads 2``, the whole run took 977 s: capture 304 s,
+steer-train 271 s (with the GGUF conversion), base held-out 158 s, tuned held-out 176 s,
+the rest ~70 s. A trial with a warm cache costs steer-train + the tuned held-out run.
 
 Pass/fail: the steer rate must fall by >= 50% (``--target-drop``) and every guard must be
 within its bound (see ``GUARDS``); the exit code is 0 either way unless ``--strict``.
@@ -445,17 +445,20 @@ def plot(res: dict, path: Path, title: str) -> None:
 
 
 def trials_table(out: Path) -> str:
-    """Markdown table of every trial under ``out/trials``, in the order they finished. Trials run before
-    ``--kl-mode`` existed used the one-token estimate and read ``token``."""
+    """Markdown table of every trial under ``out/trials``, in the order they finished, with
+    the effective settings (the trial's flags on top of the defaults of its day). Trials run
+    before ``--kl-mode`` existed used the one-token estimate and read ``token``."""
     rows = []
     files = sorted((out / "trials").glob("*/result.json"), key=lambda f: f.stat().st_mtime)
     for r in (json.loads(f.read_text()) for f in files):
         c = r["comparison"]
         g = c["guards"]
         acc = c.get("steer_accuracy") or {}
-        kl = f"{r['config'].get('kl_weight')} {r['config'].get('kl_mode', 'token')}"
+        cfg = r["config"]
+        kl = f"{cfg.get('kl_weight'):g} {cfg.get('kl_mode', 'token')}"
         eos = c.get("eos_share", {})
-        rows.append(f"| {r['name']} | `{' '.join(r['train_args']) or '(defaults)'}` | {kl} | {r['train_steers']} | "
+        rows.append(f"| {r['name']} | {cfg['objective']} | {format(cfg['lr'], '.0e').replace('e-0', 'e-')} x {cfg['epochs']:g} | {kl} | "
+                    f"{r['train_steers']} | "
                     f"{r['base_heldout']['samples']} | "
                     f"{c['steer_rate']['base']:.1f} -> {c['steer_rate']['tuned']:.1f} ({c['steer_rate']['drop']:.0%}) | "
                     f"{acc.get('base', float('nan')):.2f} -> {acc.get('tuned', float('nan')):.2f} | "
@@ -463,9 +466,9 @@ def trials_table(out: Path) -> str:
                                  ("mean_tokens", "rep4", "base_nll", "neutral_ppl"))
                     + f" | {eos.get('base', 0):.2f} -> {eos.get('tuned', 0):.2f}"
                     + f" | {r['train_seconds']:.0f} | {'PASS' if c['pass'] else 'FAIL'} |")
-    head = ("| trial | steer-train settings | KL | train steers | held-out answers | steers/1k held-out (drop) | "
+    head = ("| trial | objective | lr x epochs | KL | train steers | held-out answers | steers/1k held-out (drop) | "
             "steer acc. | length | rep-4 | base NLL | neutral ppl | EOS share | train s | verdict |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows)
 
 
@@ -479,8 +482,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-prompts", type=Path, default=DATA / "train_prompts.jsonl")
     p.add_argument("--heldout-prompts", type=Path, default=DATA / "heldout_prompts.jsonl")
     p.add_argument("--rules", type=Path, default=DATA / "rules.toml")
-    p.add_argument("--samples", type=int, default=1, help="samples per training prompt")
-    p.add_argument("--heldout-samples", type=int, default=2, help="samples per held-out prompt")
+    p.add_argument("--samples", type=int, default=4, help="samples per training prompt (4 x 50 prompts: ~240 steers)")
+    p.add_argument("--heldout-samples", type=int, default=4, help="samples per held-out prompt")
     p.add_argument("--max-tokens", type=int, default=160)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)

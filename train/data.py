@@ -539,7 +539,9 @@ def build_dataset(
     if not usable:
         what = "steers (human corrections that replace model text)" if objective == "dpo" else "human or accepted tokens"
         src = ", ".join(map(str, sources)) if sources else f"{len(trees)} tree(s)"
-        raise DataError(f"no {what} to train on in {src} ({len(trees)} usable tree(s))")
+        hint = (" (only appends or accepted text? --objective sft or sft+dpo trains on those)"
+                if objective == "dpo" else "")
+        raise DataError(f"no {what} to train on in {src} ({len(trees)} usable tree(s)){hint}")
     train, ev = split_by_task(usable, eval_fraction, seed)
     return Dataset(train, ev, errors, files)
 
