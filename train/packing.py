@@ -126,6 +126,13 @@ class PackPlan:
         return int(sum(len(r) * w for r, w in zip(self.linear_rows, self.linear_width)))
 
     @property
+    def n_edges(self) -> int:
+        """Length of the flat per-row child log-prob vector that ``seq_index`` indexes."""
+        if self.packing == "tree":
+            return int(sum(len(r.child_src) for r in self.rows))
+        return int(sum(len(r) * (w - 1) for r, w in zip(self.linear_rows, self.linear_width)))
+
+    @property
     def max_row(self) -> int:
         if self.packing == "tree":
             return max((len(r) for r in self.rows), default=0)
@@ -416,22 +423,21 @@ def ancestor_block_mask(end: torch.Tensor):
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=end.device)
 
 
-def _child_logprobs(logits: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[src, tgt] in fp32, with one logsumexp per logits row."""
+def _child_logprobs(logits: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, need: np.ndarray | None = None,
+                    start: int = 0, dists: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """log_softmax(logits)[src, tgt] in fp32, with one logsumexp per logits row.
+
+    With ``need`` (flags over the flat edge vector; this call's edges start at ``start``),
+    the full log-softmax rows of the flagged edges are appended to ``dists``, from the same
+    logsumexp."""
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1)
+    if need is not None:
+        local = np.flatnonzero(need[start : start + len(src)])
+        if len(local):
+            rows = src[torch.from_numpy(local).to(src.device)]
+            dists.append(logits[rows] - lse[rows, None])
     return logits[src, tgt] - lse[src]
-
-
-def _needed_rows(logits: torch.Tensor, src: torch.Tensor, need: np.ndarray | None, start: int,
-                 dists: list[torch.Tensor]) -> None:
-    """Append the full log-softmax rows of the needed edges ``start .. start+len(src)``."""
-    if need is None:
-        return
-    local = np.flatnonzero(need[start : start + len(src)])
-    if len(local):
-        idx = src[torch.from_numpy(local).to(src.device)]
-        dists.append(torch.log_softmax(logits[idx].float(), dim=-1))
 
 
 def _tree_forward(model, plan: PackPlan, device, need: np.ndarray | None = None,
@@ -453,8 +459,7 @@ def _tree_forward(model, plan: PackPlan, device, need: np.ndarray | None = None,
             logits = logits[keep]
         src = torch.from_numpy(row.child_src).to(device)
         tgt = torch.from_numpy(row.tokens[row.child]).to(device)
-        parts.append(_child_logprobs(logits, src, tgt))
-        _needed_rows(logits, src, need, start, dists)
+        parts.append(_child_logprobs(logits, src, tgt, need, start, dists))
         start += len(src)
     return parts
 
@@ -475,8 +480,7 @@ def _linear_forward(model, plan: PackPlan, seqs: list[np.ndarray], device, need:
         ).logits[:, :-1]  # [B, W-1, V]; padding targets are gathered but never indexed
         flat = logits.reshape(-1, logits.shape[-1])
         src = torch.arange(flat.shape[0], device=device)
-        parts.append(_child_logprobs(flat, src, ids_t[:, 1:].reshape(-1)))
-        _needed_rows(flat, src, need, start, dists)
+        parts.append(_child_logprobs(flat, src, ids_t[:, 1:].reshape(-1), need, start, dists))
         start += len(src)
     return parts
 
@@ -540,9 +544,7 @@ def token_logprobs(
                 raise ValueError(f"dist_masks[{i}] has {len(a)} flags; sequences[{i}] predicts {n} tokens")
             flags.append(a)
         picked_flags = np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
-        n_edges = (sum(len(r.child_src) for r in plan.rows) if packing == "tree"
-                   else sum(len(b) * (w - 1) for b, w in zip(plan.linear_rows, plan.linear_width)))
-        need = np.zeros(n_edges, dtype=bool)
+        need = np.zeros(plan.n_edges, dtype=bool)
         need[plan.seq_index[picked_flags]] = True
     dists: list[torch.Tensor] = []
     dev = _model_device(model, device)

@@ -100,8 +100,10 @@ class ReferenceCache:
     def __contains__(self, key) -> bool:
         return key in self.logps
 
-    def get(self, keys: Sequence[tuple[str, str, int]], device) -> list[torch.Tensor]:
-        return [self.logps[k].to(device) for k in keys]
+    def get(self, keys: Sequence[tuple[str, str, int]], device, *, sft: bool = True) -> list[torch.Tensor | None]:
+        """The cached log-probs of ``keys``; ``None`` for the SFT paths when ``sft`` is
+        False (only the one-token KL reads them, and then they were never computed)."""
+        return [self.logps[k].to(device) if sft or k[1] != "sft" else None for k in keys]
 
     @torch.no_grad()
     def fill(self, model, tasks: Sequence[TaskExample], cfg: TrainConfig, use_sft: bool, use_pairs: bool,
@@ -178,10 +180,17 @@ class SteerTrainer(Trainer):
     def use_pairs(self) -> bool:
         return "dpo" in self.steer_config.objective
 
+    @property
+    def sft_reference(self) -> bool:
+        """Whether the SFT paths need cached reference log-probs: only the one-token KL
+        reads them (the full KL recomputes whole rows each step)."""
+        c = self.steer_config
+        return c.kl_weight > 0 and c.kl_mode == "token"
+
     def prepare_reference(self, *datasets: Sequence[TaskExample]) -> None:
         model = self.model
         for ds in datasets:
-            self.reference.fill(model, ds, self.steer_config, self.use_sft, self.use_pairs)
+            self.reference.fill(model, ds, self.steer_config, self.sft_reference, self.use_pairs)
 
     # -- loss ------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -190,9 +199,9 @@ class SteerTrainer(Trainer):
         inner = self.accelerator.unwrap_model(model)
         fwd = inner if model is inner else _ForwardThrough(model, inner)
         batch = Batch(tasks, use_sft=self.use_sft, use_pairs=self.use_pairs)
-        missing = [k for k in batch.keys if k not in self.reference]
+        missing = [k for k in batch.keys if k not in self.reference and (self.sft_reference or k[1] != "sft")]
         if missing:  # examples not seen by prepare_reference (e.g. a custom dataset)
-            self.reference.fill(inner, tasks, cfg, self.use_sft, self.use_pairs)
+            self.reference.fill(inner, tasks, cfg, self.sft_reference, self.use_pairs)
         if not batch.sequences:
             loss = sum(p.sum() * 0.0 for p in inner.parameters() if p.requires_grad)
             return (loss, {}) if return_outputs else loss
@@ -206,7 +215,7 @@ class SteerTrainer(Trainer):
             logps = token_logprobs(fwd, batch.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
                                    fallback=True)
         device = logps[0].device
-        ref = self.reference.get(batch.keys, device)
+        ref = self.reference.get(batch.keys, device, sft=self.sft_reference)
         terms = self.loss_terms(batch, logps, ref, device)
         if dists is not None:
             ref_dists = self.reference_dists(inner, batch, [masks[i] for i in batch.sft_idx])
@@ -234,14 +243,14 @@ class SteerTrainer(Trainer):
             model.train(was_training)
         return rows
 
-    def loss_terms(self, batch: Batch, logps: list[torch.Tensor], ref: list[torch.Tensor], device) -> dict[str, Any]:
+    def loss_terms(self, batch: Batch, logps: list[torch.Tensor], ref: list[torch.Tensor | None],
+                   device) -> dict[str, Any]:
         """Combine the loss terms of one batch; returns ``loss`` (scalar) and float metrics."""
         cfg = self.steer_config
         out: dict[str, Any] = {}
         loss = logps[0].sum() * 0.0
         if batch.sft_idx:
             pol = pad_logps([logps[i] for i in batch.sft_idx])
-            ref_s = pad_logps([ref[i] for i in batch.sft_idx])
             w = pad_logps([torch.tensor(s.weights[1:], dtype=torch.float32, device=device) for s in batch.sft])
             mm = pad_logps([torch.tensor(s.model_mask[1:], dtype=torch.float32, device=device) for s in batch.sft])
             if "sft" in cfg.objective and bool((w > 0).any()):
@@ -249,7 +258,7 @@ class SteerTrainer(Trainer):
                 loss = loss + cfg.sft_weight * sft
                 out["sft_loss"] = sft.detach()
             if cfg.kl_weight > 0 and cfg.kl_mode == "token" and bool((mm > 0).any()):
-                kl = reference_kl(pol, ref_s, mm)
+                kl = reference_kl(pol, pad_logps([ref[i] for i in batch.sft_idx]), mm)
                 loss = loss + cfg.kl_weight * kl
                 out["kl"] = kl.detach()
         if batch.pairs:

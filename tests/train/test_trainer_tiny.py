@@ -89,6 +89,9 @@ def test_reference_kl_is_zero_at_start_and_grows_when_the_adapter_moves(kl_mode,
     trainer = SteerTrainer(model=model, args=training_arguments(cfg, tmp_path), train_dataset=TaskDataset(tasks),
                            steer_config=cfg)
     trainer.prepare_reference(tasks)
+    # only the one-token KL reads cached reference log-probs of the SFT paths
+    cached_sft = [k for k in trainer.reference.logps if k[1] == "sft"]
+    assert bool(cached_sft) == (kl_mode == "token")
     trainer.compute_loss(model, {"tasks": tasks})
     assert trainer._metrics["kl"][-1] == pytest.approx(0.0, abs=1e-6)  # LoRA B = 0: policy == reference
     with torch.no_grad():
