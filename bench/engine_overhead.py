@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
 
-    import llama_cpp
+    from steer_tui.core.llama_load import load_llama
 
     from steer_tui import Session
     from steer_tui.core.engine import Sampling, open_engine
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(args.model) if args.model else default_model_path()
     engine = open_engine(model, n_ctx=2048, n_threads=args.threads)
     threads = engine.llm.context_params.n_threads
-    bare = llama_cpp.Llama(str(model), n_ctx=2048, n_threads=threads, logits_all=False, verbose=False)
+    bare = load_llama(model, n_ctx=2048, n_threads=threads, logits_all=False, verbose=False)
 
     store = tempfile.mkdtemp(prefix="steer-bench-")
     s = Session.create(store=store, prompt=PROMPT, model=engine, sampling={"temperature": 0, "seed": 1})

@@ -3,7 +3,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# Never the user's cache: the llama.cpp probe verdict and converted models of this test run
+# live in a temp dir (subprocesses inherit it). A CI that sets STEER_CACHE keeps its own.
+os.environ.setdefault("STEER_CACHE", tempfile.mkdtemp(prefix="steer-test-cache-"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

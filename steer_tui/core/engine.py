@@ -663,11 +663,13 @@ def open_engine(
     adapter: str | os.PathLike[str] | None = None,
     seed: int | None = None,
     n_threads: int | None = None,
+    extra_bufts: bool | str | None = None,
 ) -> BaseEngine:
     """Load a GGUF model with llama.cpp. ``None`` = the bundled default model.
 
     A missing, unreadable or non-GGUF file (model or adapter) raises ``EngineError`` naming
-    the path before llama.cpp sees it. Loading prints nothing."""
+    the path before llama.cpp sees it. Loading prints nothing. ``extra_bufts``: see
+    ``steer_tui.core.llama_load`` (None = ``$STEER_EXTRA_BUFTS`` or ``"auto"``)."""
     if model_path is None:
         from steer_tui.core.models import ModelNotFound, default_model_path
 
@@ -692,5 +694,6 @@ def open_engine(
     from steer_tui.core.llama_engine import LlamaEngine
 
     return LlamaEngine(
-        path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, adapter=adapter_path, seed=seed, n_threads=n_threads
+        path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, adapter=adapter_path, seed=seed, n_threads=n_threads,
+        extra_bufts=extra_bufts,
     )

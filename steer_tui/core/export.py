@@ -50,9 +50,9 @@ def iter_trees(paths: Iterable[str | os.PathLike[str]], errors: list[str]) -> It
 
 def llama_detokenizer(model_path: str | os.PathLike[str]) -> Detok:
     """Detokenize with the model's own vocabulary (vocab-only load: no weights in memory)."""
-    from llama_cpp import Llama
+    from steer_tui.core.llama_load import load_llama
 
-    llm = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    llm = load_llama(model_path, vocab_only=True, verbose=False)
     return lambda ids: llm.detokenize(list(ids), special=True) if ids else b""
 
 

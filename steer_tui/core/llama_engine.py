@@ -20,6 +20,7 @@ import numpy as np
 
 import llama_cpp
 from steer_tui.core.engine import BaseEngine, EngineError, file_sha256
+from steer_tui.core.llama_load import load_llama
 
 __all__ = ["LlamaEngine"]
 
@@ -38,12 +39,12 @@ class LlamaEngine(BaseEngine):
         seed: int | None = None,
         n_threads: int | None = None,
         n_batch: int = 512,
+        extra_bufts: bool | str | None = None,
     ) -> None:
         super().__init__()
         self.path = str(Path(path).resolve())
         self.name = Path(self.path).name.removesuffix(".gguf")
         kwargs: dict[str, Any] = dict(
-            model_path=self.path,
             n_ctx=n_ctx,
             n_batch=n_batch,
             n_gpu_layers=n_gpu_layers,
@@ -57,7 +58,7 @@ class LlamaEngine(BaseEngine):
         if adapter is not None:
             kwargs["lora_path"] = str(Path(adapter).resolve())
         try:
-            self.llm = llama_cpp.Llama(**kwargs)
+            self.llm = load_llama(self.path, extra_bufts=extra_bufts, **kwargs)
         except (ValueError, RuntimeError) as exc:
             what = f"adapter {str(adapter)!r} for model {self.path!r}" if adapter else f"model {self.path!r}"
             raise EngineError(f"llama.cpp could not load {what}: {exc}") from None

@@ -74,10 +74,10 @@ def _next_logprobs_hf(peft_model, ids):
 
 
 def _next_logprobs_cpp(model_path, ids, lora=None):
-    from llama_cpp import Llama
+    from steer_tui.core.llama_load import load_llama
 
     kw = {"lora_path": str(lora)} if lora else {}
-    llm = Llama(model_path=str(model_path), n_ctx=256, logits_all=True, verbose=False, **kw)
+    llm = load_llama(model_path, n_ctx=256, logits_all=True, verbose=False, **kw)
     llm.eval(ids)
     lg = np.array(llm.scores[len(ids) - 1], dtype=np.float64)
     m = lg.max()
