@@ -59,6 +59,18 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random, recorded in the task)")
     p.add_argument("--temperature", type=_temperature, default=None, help="sampling temperature (0 = greedy)")
+    _add_extra_bufts(p)
+
+
+def _add_extra_bufts(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--extra-bufts",
+        choices=["auto", "on", "off"],
+        default=None,
+        help="llama.cpp extra buffer types (AMX, weight repacking): auto = probe once per CPU and "
+        "llama.cpp build and use them where they do not crash (default; also $STEER_EXTRA_BUFTS "
+        "or extra_bufts in the config file)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +196,16 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 
 def cmd_session(ns: argparse.Namespace) -> int:
+    from steer_tui.ui import supervisor
+
+    if supervisor.is_child():
+        supervisor.enable_crash_log()
+    elif sys.stdin.isatty() and sys.stdout.isatty() and getattr(ns, "argv", None) is not None:
+        # a native crash must not leave the user's terminal dead: run the app as a child
+        from steer_tui.core.store import default_store_dir
+
+        store = ns.store or str(default_store_dir())
+        return supervisor.run_supervised(ns.argv, store=store)
     from steer_tui.ui.app import run_app
 
     return run_app(ns)
@@ -200,11 +222,25 @@ COMMANDS = {"session": cmd_session, "list": cmd_list, "show": cmd_show, "export"
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    ns = parser.parse_args(args)
+    ns.argv = args
     if ns.command is None:
         parser.print_help()
         return 0
     return run_command(ns)
+
+
+def _extra_bufts_setting(flag: str | None) -> str:
+    """--extra-bufts, else $STEER_EXTRA_BUFTS, else the config file's extra_bufts, else auto."""
+    from steer_tui.core.llama_load import ProbeError, resolve_setting
+    from steer_tui.ui.config import ConfigError, load_config
+
+    try:
+        configured = load_config().extra_bufts if flag is None else None
+        return resolve_setting(flag, configured)
+    except (ConfigError, ProbeError) as exc:
+        raise CliError(str(exc)) from None
 
 
 def run_command(ns: argparse.Namespace) -> int:
@@ -224,6 +260,8 @@ def run_command(ns: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - during bootstrap
         pass
     try:
+        if hasattr(ns, "extra_bufts"):
+            ns.extra_bufts = _extra_bufts_setting(ns.extra_bufts)
         return COMMANDS[ns.command](ns)
     except user_errors as exc:
         from steer_tui.core.safe_text import visible

@@ -353,6 +353,7 @@ def run_app(ns: argparse.Namespace) -> int:
             n_gpu_layers=getattr(ns, "n_gpu_layers", -1),
             adapter=getattr(ns, "adapter", None),
             seed=getattr(ns, "seed", None),
+            extra_bufts=getattr(ns, "extra_bufts", None),
         )
 
     factory = SessionFactory(

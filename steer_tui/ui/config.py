@@ -6,6 +6,7 @@ A missing file means defaults. Example::
     annotator = "alice"
     prob_colors = false          # start with probability colouring on?
     top_k = 10                   # alternatives shown by tab (at most what the engine captured)
+    extra_bufts = "auto"         # llama.cpp extra buffer types (AMX, repacking): auto | on | off
 
     [keymap]                     # binding id -> keys (comma separated Textual key names)
     "session.pause" = "space,ctrl+space"
@@ -31,7 +32,8 @@ import platformdirs
 from steer_tui.ui.keys import KEY_IDS
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "max_tokens")
-_TOP_LEVEL = {"annotator", "prob_colors", "top_k", "keymap", "sampling"}
+_TOP_LEVEL = {"annotator", "prob_colors", "top_k", "keymap", "sampling", "extra_bufts"}
+EXTRA_BUFTS = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -50,6 +52,9 @@ class UIConfig:
     """Start with probability colouring on."""
     top_k: int = 10
     """How many alternatives the alternatives popup lists (at most what was captured)."""
+    extra_bufts: str | None = None
+    """llama.cpp extra buffer types: "auto" (probe once per CPU), "on" or "off"; None = not set
+    here (``--extra-bufts`` and ``$STEER_EXTRA_BUFTS`` win over it)."""
     path: Path | None = None
     """The file this config was read from (None: defaults)."""
 
@@ -124,6 +129,10 @@ def apply_config_dict(cfg: UIConfig, data: dict[str, Any], *, source: str = "<co
         if not isinstance(data["prob_colors"], bool):
             raise bad("prob_colors", "must be true or false")
         cfg.prob_colors = data["prob_colors"]
+    if "extra_bufts" in data:
+        if data["extra_bufts"] not in EXTRA_BUFTS:
+            raise bad("extra_bufts", f"must be one of {', '.join(repr(v) for v in EXTRA_BUFTS)}")
+        cfg.extra_bufts = data["extra_bufts"]
     if "top_k" in data:
         v = data["top_k"]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
