@@ -117,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive_int("--samples"), default=1, help="generations per prompt")
     p.add_argument("--max-tokens", type=_positive_int("--max-tokens"), default=256)
     p.add_argument("--dry-run", action="store_true", help="count steers per 1,000 tokens; write nothing")
+
+    p = sub.add_parser(
+        "doctor",
+        help="check this machine (versions, CPU, llama.cpp, model, store, torch) and stream a few tokens",
+        description="Print what a bug report needs and check that steering works here: versions, "
+        "llama.cpp's CPU features and extra-buffer decision, the model, the store, the training stack, "
+        "and a self-test that streams a few tokens in a child process. Exit 1 if anything is broken.",
+    )
+    _add_store(p)
+    p.add_argument("--model", metavar="GGUF", help="model to self-test (default: the bundled model)")
+    _add_extra_bufts(p)
     return parser
 
 
@@ -211,13 +222,28 @@ def cmd_session(ns: argparse.Namespace) -> int:
     return run_app(ns)
 
 
+def cmd_doctor(ns: argparse.Namespace) -> int:
+    from steer_tui.core.doctor import render, run_doctor
+
+    checks = run_doctor(store=ns.store, model=ns.model, setting=ns.extra_bufts)
+    sys.stdout.write(render(checks))
+    return 1 if any(c.problem for c in checks) else 0
+
+
 def cmd_auto(ns: argparse.Namespace) -> int:
     from steer_tui.core.auto import run_auto_cli
 
     return run_auto_cli(ns)
 
 
-COMMANDS = {"session": cmd_session, "list": cmd_list, "show": cmd_show, "export": cmd_export, "auto": cmd_auto}
+COMMANDS = {
+    "session": cmd_session,
+    "list": cmd_list,
+    "show": cmd_show,
+    "export": cmd_export,
+    "auto": cmd_auto,
+    "doctor": cmd_doctor,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
