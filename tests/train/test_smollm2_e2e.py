@@ -1,14 +1,11 @@
 """The bundled SmolLM2 GGUF end to end: capture steers with the Session API, train a few
 steps, export adapter.gguf, load it in llama.cpp and check it reproduces the PEFT model.
 
-Tolerance: llama.cpp runs the Q4_1 weights, PEFT the dequantized fp32 weights, so even the
-base models differ (measured first: ``base_gap`` = max |log p_hf - log p_cpp| over the base
-model's top-50 next tokens, ~0.18 nats). The adapter's effect is compared as a *delta*
-(adapted - base) in each runtime; it passes through the same quantized activations, so its
-error is second order: we require ``max |delta_hf - delta_cpp| <= 2 * base_gap`` on those
-tokens while the delta itself is large (``>= 4 * base_gap``), and correlation >= 0.98.
-With only the q/k LoRA kept, an export without the rotary row permutation fails the same
-bound (measured: error 1.5 nats vs 0.23 with it), so the check can fail.
+Exactness is checked like with like, so it holds on any CPU: llama.cpp runs an f32 GGUF
+holding exactly the dequantized weights torch trains on, with an f32 KV cache. The Q4_1
+model users steer is checked only for what quantisation cannot blur (direction, rank and
+size of the adapter's effect): its Q4-vs-fp32 gap (~0.2 nats) depends on the CPU's kernels
+(AMX, AVX-512 or AVX2 dot products round differently), so no exact bound can rest on it.
 """
 
 from __future__ import annotations
@@ -74,14 +71,27 @@ def _next_logprobs_hf(peft_model, ids):
 
 
 def _next_logprobs_cpp(model_path, ids, lora=None):
+    """Next-token log-probs from llama.cpp with an f32 KV cache (its default f16 cache would
+    add its own rounding to a comparison with fp32 torch)."""
     from steer_tui.core.llama_load import load_llama
 
     kw = {"lora_path": str(lora)} if lora else {}
-    llm = load_llama(model_path, n_ctx=256, logits_all=True, verbose=False, **kw)
+    f32 = int(llama_cpp.GGML_TYPE_F32)
+    llm = load_llama(model_path, n_ctx=256, logits_all=True, verbose=False, type_k=f32, type_v=f32, **kw)
     llm.eval(ids)
     lg = np.array(llm.scores[len(ids) - 1], dtype=np.float64)
+    llm.close()
     m = lg.max()
     return lg - m - np.log(np.exp(lg - m).sum())
+
+
+@pytest.fixture(scope="module")
+def f32_model(model_path, tmp_path_factory):
+    """The bundled Q4_1 GGUF dequantized into an f32 GGUF: the weights transformers trains on
+    (it dequantizes with the same gguf-py code), so llama.cpp and torch run one model."""
+    from tests.train.gguf_f32 import dequantize_gguf
+
+    return dequantize_gguf(model_path, tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf")
 
 
 def test_outputs_written(trained):
@@ -94,39 +104,88 @@ def test_outputs_written(trained):
         assert (trained / f).stat().st_size > 0
 
 
-def test_adapter_gguf_matches_peft_in_llama_cpp(trained, model_path, tmp_path):
+@pytest.fixture(scope="module")
+def peft_and_ids(trained, model_path):
     from peft import PeftModel
 
-    from train.export import export_lora_gguf
     from train.modeling import load_model, resolve_model
 
     base_model, tok, _ = load_model(resolve_model(str(model_path)))
     peft_model = PeftModel.from_pretrained(base_model, str(trained)).eval()
     prompt = "<|im_start|>user\nGive four examples of fruit.<|im_end|>\n<|im_start|>assistant\n1."
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    return peft_model, tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+# Like with like: llama.cpp runs the f32 GGUF, torch the same fp32 weights. Their base
+# next-token log-probs then differ only by summation order (measured: ~1e-5 nats, both
+# on AVX-512 with and without AMX); DELTA_TOL is the 0.05-nat export bar of issue 12, three
+# orders of magnitude above that noise and well below a wrong export (measured: a missing
+# q/k rotary permutation is off by >1 nat).
+BASE_TOL = 1e-3
+DELTA_TOL = 0.05
+
+
+def test_adapter_gguf_matches_peft_in_llama_cpp(trained, peft_and_ids, f32_model):
+    peft_model, ids = peft_and_ids
     hf_base, hf_ad = _next_logprobs_hf(peft_model, ids)
-    cpp_base = _next_logprobs_cpp(model_path, ids)
-    cpp_ad = _next_logprobs_cpp(model_path, ids, trained / "adapter.gguf")
+    cpp_base = _next_logprobs_cpp(f32_model, ids)
+    cpp_ad = _next_logprobs_cpp(f32_model, ids, trained / "adapter.gguf")
     top = np.argsort(-hf_base)[:50]
     base_gap = np.abs(hf_base - cpp_base)[top].max()
     d_hf, d_cpp = (hf_ad - hf_base)[top], (cpp_ad - cpp_base)[top]
     err = np.abs(d_hf - d_cpp).max()
-    print(f"base_gap={base_gap:.3f} max|delta|={np.abs(d_hf).max():.3f} delta_err={err:.3f}")
-    assert base_gap < 0.5  # same model, Q4_1 vs fp32
-    assert np.abs(d_hf).max() >= 4 * base_gap, "adapter too weak to test the export"
-    assert err <= 2 * base_gap
-    assert np.corrcoef(d_hf, d_cpp)[0, 1] >= 0.98
-    # q/k rotary permutation: keep only the q/k LoRA (scaled up so it matters); the export
-    # must match there too, and forgetting convert_hf_to_gguf's permutation must not
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.mul_(3.0) if ("q_proj" in n or "k_proj" in n) else p.zero_()
-    qk_base, qk_ad = _next_logprobs_hf(peft_model, ids)
-    d_qk = (qk_ad - qk_base)[top]
-    assert np.abs(d_qk).max() >= 4 * base_gap
-    for permute, ok in ((True, True), (False, False)):
-        g = export_lora_gguf(peft_model, tmp_path / f"qk-{permute}.gguf", permute_qk=permute)
-        d = (_next_logprobs_cpp(model_path, ids, g) - cpp_base)[top]
-        print(f"q/k only, permute={permute}: delta_err={np.abs(d_qk - d).max():.3f}")
-        assert bool(np.abs(d_qk - d).max() <= 2 * base_gap) is ok
+    print(f"f32: base_gap={base_gap:.2e} max|delta|={np.abs(d_hf).max():.3f} delta_err={err:.2e}")
+    assert base_gap <= BASE_TOL  # one model in both runtimes
+    assert np.abs(d_hf).max() >= 10 * DELTA_TOL, "adapter too weak to test the export"
+    assert err <= DELTA_TOL
+
+
+def test_qk_export_needs_the_rotary_permutation(peft_and_ids, f32_model, tmp_path):
+    """Only the q/k LoRA kept (scaled up so it matters): the export must match there too, and
+    forgetting convert_hf_to_gguf's row permutation must fail the same bound."""
+    from train.export import export_lora_gguf
+
+    peft_model, ids = peft_and_ids
+    saved = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_B" in n}
+    try:
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(3.0) if ("q_proj" in n or "k_proj" in n) else p.zero_()
+        qk_base, qk_ad = _next_logprobs_hf(peft_model, ids)
+        cpp_base = _next_logprobs_cpp(f32_model, ids)
+        top = np.argsort(-qk_base)[:50]
+        d_qk = (qk_ad - qk_base)[top]
+        assert np.abs(d_qk).max() >= 10 * DELTA_TOL
+        errs = {}
+        for permute in (True, False):
+            g = export_lora_gguf(peft_model, tmp_path / f"qk-{permute}.gguf", permute_qk=permute)
+            d = (_next_logprobs_cpp(f32_model, ids, g) - cpp_base)[top]
+            errs[permute] = float(np.abs(d_qk - d).max())
+        print(f"q/k only: delta_err with permutation {errs[True]:.2e}, without {errs[False]:.3f}")
+        assert errs[True] <= DELTA_TOL
+        assert errs[False] > 4 * DELTA_TOL
+    finally:
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+
+
+def test_adapter_effect_survives_q4_quantisation(trained, peft_and_ids, model_path):
+    """On the Q4_1 model users actually steer, quantisation blurs values but not what the
+    adapter does: the direction of its effect on the base's top tokens (correlation), which
+    tokens it moves most (rank), and how far (size)."""
+    peft_model, ids = peft_and_ids
+    hf_base, hf_ad = _next_logprobs_hf(peft_model, ids)
+    q4_base = _next_logprobs_cpp(model_path, ids)
+    q4_ad = _next_logprobs_cpp(model_path, ids, trained / "adapter.gguf")
+    top = np.argsort(-hf_base)[:50]
+    d_hf, d_q4 = (hf_ad - hf_base)[top], (q4_ad - q4_base)[top]
+    corr = float(np.corrcoef(d_hf, d_q4)[0, 1])
+    size = float(np.linalg.norm(d_q4) / np.linalg.norm(d_hf))
+    moved = set(np.argsort(-np.abs(d_hf))[:5]) & set(np.argsort(-np.abs(d_q4))[:10])
+    print(f"Q4_1: corr={corr:.3f} size ratio={size:.2f} top-5 moved kept in top-10: {len(moved)}")
+    assert corr >= 0.9
+    assert 0.5 <= size <= 2.0
+    assert len(moved) >= 4
