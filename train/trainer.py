@@ -210,7 +210,7 @@ class SteerTrainer(Trainer):
         if full_kl:
             masks = batch.kl_masks()
             logps, dists = token_logprobs(fwd, batch.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
-                                          fallback=True, dist_masks=masks)
+                                          fallback=True, dist_masks=masks, dist_states=True)
         else:
             logps = token_logprobs(fwd, batch.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
                                    fallback=True)
@@ -238,7 +238,8 @@ class SteerTrainer(Trainer):
         try:
             with _adapter_disabled(model):
                 _, rows = token_logprobs(model, [batch.sequences[i] for i in batch.sft_idx], packing=cfg.packing,
-                                         token_budget=cfg.token_budget, fallback=True, dist_masks=masks)
+                                         token_budget=cfg.token_budget, fallback=True, dist_masks=masks,
+                                         dist_states=True)
         finally:
             model.train(was_training)
         return rows
