@@ -12,19 +12,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import defaultdict
 from typing import Any, Sequence
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
 from train.config import ConfigError, TrainConfig, parse_layers
 from train.data import TaskExample
 from train.losses import (chosen_nll, dpo_loss, dpo_metrics, full_reference_kl, pad_logps, reference_kl, span_logps,
                           weighted_nll)
-from train.packing import token_logprobs
+from train.packing import plan_packing, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +70,25 @@ class Batch:
                 for i, s in enumerate(t.sft):
                     if len(s.input_ids) < 2:
                         continue
-                    self.sft_idx.append(len(self.sequences))
-                    self.sequences.append(s.input_ids)
-                    self.sft.append(s)
-                    self.keys.append((t.task, "sft", i))
+                    self._add_sft(s, (t.task, "sft", i))
             if use_pairs:
                 for i, p in enumerate(t.pairs):
-                    self.chosen_idx.append(len(self.sequences))
-                    self.sequences.append(p.chosen_ids)
-                    self.keys.append((t.task, "chosen", i))
-                    self.rejected_idx.append(len(self.sequences))
-                    self.sequences.append(p.rejected_ids)
-                    self.keys.append((t.task, "rejected", i))
-                    self.pairs.append(p)
+                    self._add_pair(p, (t.task, "chosen", i), (t.task, "rejected", i))
+
+    def _add_sft(self, s, key) -> None:
+        self.sft_idx.append(len(self.sequences))
+        self.sequences.append(s.input_ids)
+        self.sft.append(s)
+        self.keys.append(key)
+
+    def _add_pair(self, p, ckey, rkey) -> None:
+        self.chosen_idx.append(len(self.sequences))
+        self.sequences.append(p.chosen_ids)
+        self.keys.append(ckey)
+        self.rejected_idx.append(len(self.sequences))
+        self.sequences.append(p.rejected_ids)
+        self.keys.append(rkey)
+        self.pairs.append(p)
 
     def kl_masks(self) -> list[list[bool]]:
         """Per sequence, which predictions the reference KL covers: the model-written
@@ -89,6 +97,52 @@ class Batch:
         for i, s in zip(self.sft_idx, self.sft):
             masks[i] = [bool(m) for m in s.model_mask[1:]]
         return masks
+
+    def norms(self) -> dict[str, float]:
+        """The denominators of the batch's mean loss terms (the loss of a micro-batch is its
+        share of the batch's: its sums over these)."""
+        return {
+            "sft_weight": float(sum(sum(float(w) for w in s.weights[1:]) for s in self.sft)),
+            "kl_tokens": float(sum(sum(float(m) for m in s.model_mask[1:]) for s in self.sft)),
+            "kl_positions": float(sum(sum(1 for m in s.model_mask[1:] if m) for s in self.sft)),
+            "pairs": float(len(self.pairs)),
+        }
+
+    def _units(self) -> list[tuple[str, int]]:
+        """SFT paths and DPO pairs (chosen + rejected stay together) in sequence order."""
+        first = {i: ("sft", k) for k, i in enumerate(self.sft_idx)}
+        first.update({i: ("pair", k) for k, i in enumerate(self.chosen_idx)})
+        return [first[i] for i in sorted(first)]
+
+    def split(self, token_budget: int, packing: str) -> list["Batch"]:
+        """Micro-batches whose packed forward (``plan_packing(..., packing, token_budget)``)
+        holds at most ``token_budget`` tokens, units in order so that a task's sequences
+        stay together and keep sharing their prefixes. A unit (an SFT path, or a DPO pair)
+        larger than the budget gets a micro-batch of its own."""
+        out: list[Batch] = []
+        cur: Batch | None = None
+        for kind, k in self._units():
+            seqs = [self.sequences[self.sft_idx[k]]] if kind == "sft" else \
+                [self.sequences[self.chosen_idx[k]], self.sequences[self.rejected_idx[k]]]
+            if cur is not None and _forwarded(cur.sequences + seqs, packing, token_budget) > token_budget:
+                out.append(cur)
+                cur = None
+            if cur is None:
+                cur = Batch([], use_sft=False, use_pairs=False)
+            if kind == "sft":
+                i = self.sft_idx[k]
+                cur._add_sft(self.sft[k], self.keys[i])
+            else:
+                cur._add_pair(self.pairs[k], self.keys[self.chosen_idx[k]], self.keys[self.rejected_idx[k]])
+        if cur is not None:
+            out.append(cur)
+        return out
+
+
+def _forwarded(sequences: list[list[int]], packing: str, token_budget: int) -> int:
+    """Tokens one ``token_logprobs`` call forwards for these sequences (padding included)."""
+    live = [s for s in sequences if len(s) > 1]
+    return plan_packing(live, packing=packing, token_budget=token_budget).tokens_forwarded if live else 0
 
 
 class ReferenceCache:
@@ -193,7 +247,22 @@ class SteerTrainer(Trainer):
             self.reference.fill(model, ds, self.steer_config, self.sft_reference, self.use_pairs)
 
     # -- loss ------------------------------------------------------------------------------
+    def training_step(self, *args, **kwargs):
+        self._stepping = True
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            self._stepping = False
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The batch's loss, computed in micro-batches of at most ``token_budget`` forwarded
+        tokens (`Batch.split`), each term normalised by the whole batch (`Batch.norms`), so
+        the sum over micro-batches is the loss of the batch in one piece.
+
+        Inside a training step with more than one micro-batch, every micro-batch but the last
+        runs its backward here (under DDP's ``no_sync``), and the returned loss carries the
+        last one's graph plus the others' values: memory holds one micro-batch's graph at a
+        time, the gradient is the whole batch's, and each rank syncs once per step."""
         cfg = self.steer_config
         tasks: list[TaskExample] = inputs["tasks"]
         inner = self.accelerator.unwrap_model(model)
@@ -204,7 +273,47 @@ class SteerTrainer(Trainer):
             self.reference.fill(inner, tasks, cfg, self.sft_reference, self.use_pairs)
         if not batch.sequences:
             loss = sum(p.sum() * 0.0 for p in inner.parameters() if p.requires_grad)
+            self._check_finite(loss)  # every rank joins the all_reduce, or the others hang
             return (loss, {}) if return_outputs else loss
+        norms = batch.norms()
+        micro = batch.split(cfg.token_budget, cfg.packing)
+        early = (getattr(self, "_stepping", False) and len(micro) > 1 and torch.is_grad_enabled()
+                 and self.accelerator.distributed_type != DistributedType.DEEPSPEED)
+        done = None  # values of the micro-batches whose backward already ran
+        total = None
+        metrics: dict[str, float] = defaultdict(float)
+        for k, mb in enumerate(micro):
+            last = k == len(micro) - 1
+            sync = contextlib.nullcontext() if last or not early else self.accelerator.no_sync(model)
+            with sync:
+                terms = self.micro_loss(inner, fwd, mb, norms)
+                loss = terms.pop("loss")
+                for key, v in terms.items():
+                    metrics[key] += float(v)
+                if early and not last:
+                    with torch.autocast(loss.device.type, enabled=False):
+                        self.accelerator.backward(loss / self._ga_divisor(num_items_in_batch))
+                    done = loss.detach() if done is None else done + loss.detach()
+                    continue
+            total = loss if total is None else total + loss
+        if done is not None:  # the value of the whole batch; the gradient of the last micro-batch
+            total = total + done
+        self._check_finite(total)
+        for key, v in metrics.items():
+            self._metrics[key].append(v)
+        return (total, {}) if return_outputs else total
+
+    def _ga_divisor(self, num_items_in_batch) -> float:
+        """What ``Trainer.training_step`` divides the returned loss by before its backward."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) \
+                or getattr(self, "compute_loss_func", None) is not None
+        return 1.0 if scaled else float(getattr(self, "current_gradient_accumulation_steps", 1) or 1)
+
+    def micro_loss(self, inner, fwd, batch: Batch, norms: dict[str, float]) -> dict[str, Any]:
+        """One micro-batch: forward, reference rows, loss terms (its share of the batch's)."""
+        cfg = self.steer_config
         full_kl = cfg.kl_weight > 0 and cfg.kl_mode == "full" and bool(batch.sft_idx)
         dists = None
         if full_kl:
@@ -216,22 +325,22 @@ class SteerTrainer(Trainer):
                                    fallback=True)
         device = logps[0].device
         ref = self.reference.get(batch.keys, device, sft=self.sft_reference)
-        terms = self.loss_terms(batch, logps, ref, device)
+        terms = self.loss_terms(batch, logps, ref, device, norms)
         if dists is not None:
             ref_dists = self.reference_dists(inner, batch, [masks[i] for i in batch.sft_idx])
             kl = full_reference_kl([dists[i] for i in batch.sft_idx], ref_dists)
-            terms["loss"] = terms["loss"] + cfg.kl_weight * kl
-            terms["kl"] = kl.detach()
-        loss = terms.pop("loss")
-        self._check_finite(loss)
-        for k, v in terms.items():
-            self._metrics[k].append(float(v))
-        return (loss, {}) if return_outputs else loss
+            n = sum(len(r) for r in ref_dists)
+            if n:
+                kl = kl * (n / norms["kl_positions"])
+                terms["loss"] = terms["loss"] + cfg.kl_weight * kl
+                terms["kl"] = kl.detach()
+        return terms
 
     @torch.no_grad()
-    def reference_dists(self, model, batch: Batch, masks: list) -> list[torch.Tensor]:
-        """The base model's full log-softmax rows at the flagged positions of the SFT
-        sequences (adapter disabled, eval mode, no grad): the other side of the full KL."""
+    def reference_dists(self, model, batch: Batch, masks: list) -> list:
+        """The base model's full distributions at the flagged positions of the SFT
+        sequences (adapter disabled, eval mode, no grad): the other side of the full KL, as
+        `train.chunked.HeadStates` (or log-softmax rows when the output layer is not tapped)."""
         cfg = self.steer_config
         was_training = model.training
         model.eval()
@@ -245,9 +354,19 @@ class SteerTrainer(Trainer):
         return rows
 
     def loss_terms(self, batch: Batch, logps: list[torch.Tensor], ref: list[torch.Tensor | None],
-                   device) -> dict[str, Any]:
-        """Combine the loss terms of one batch; returns ``loss`` (scalar) and float metrics."""
+                   device, norms: dict[str, float] | None = None) -> dict[str, Any]:
+        """Combine the loss terms of one batch; returns ``loss`` (scalar) and float metrics.
+
+        ``norms``: the denominators of the whole batch when ``batch`` is one of its
+        micro-batches (`Batch.norms`); each mean term is then scaled by this micro-batch's
+        share, so the terms of all micro-batches add up to the batch's."""
         cfg = self.steer_config
+        own = batch.norms()
+        norms = norms or own
+
+        def share(key: str) -> float:
+            return own[key] / norms[key] if norms[key] > 0 else 0.0
+
         out: dict[str, Any] = {}
         loss = logps[0].sum() * 0.0
         if batch.sft_idx:
@@ -255,11 +374,11 @@ class SteerTrainer(Trainer):
             w = pad_logps([torch.tensor(s.weights[1:], dtype=torch.float32, device=device) for s in batch.sft])
             mm = pad_logps([torch.tensor(s.model_mask[1:], dtype=torch.float32, device=device) for s in batch.sft])
             if "sft" in cfg.objective and bool((w > 0).any()):
-                sft = weighted_nll(pol, w, normalize="token")
+                sft = weighted_nll(pol, w, normalize="token") * share("sft_weight")
                 loss = loss + cfg.sft_weight * sft
                 out["sft_loss"] = sft.detach()
             if cfg.kl_weight > 0 and cfg.kl_mode == "token" and bool((mm > 0).any()):
-                kl = reference_kl(pol, pad_logps([ref[i] for i in batch.sft_idx]), mm)
+                kl = reference_kl(pol, pad_logps([ref[i] for i in batch.sft_idx]), mm) * share("kl_tokens")
                 loss = loss + cfg.kl_weight * kl
                 out["kl"] = kl.detach()
         if batch.pairs:
@@ -274,15 +393,16 @@ class SteerTrainer(Trainer):
                 pc, rc = pc / lc.clamp_min(1), rc / lc.clamp_min(1)
                 pr, rr = pr / lr.clamp_min(1), rr / lr.clamp_min(1)
             d = dpo_loss(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
-            dpo = d.losses.mean()
+            f = share("pairs")
+            dpo = d.losses.mean() * f
             loss = loss + cfg.dpo_weight * dpo
             out["dpo_loss"] = dpo.detach()
             if cfg.rpo_alpha > 0:
-                rpo = chosen_nll(pc * (lc if cfg.length_normalize else 1), lc).mean()
+                rpo = chosen_nll(pc * (lc if cfg.length_normalize else 1), lc).mean() * f
                 loss = loss + cfg.rpo_alpha * rpo
                 out["rpo_loss"] = rpo.detach()
             for k, v in dpo_metrics(d).items():
-                out[k] = v
+                out[k] = v * f
         out["loss"] = loss
         return out
 
