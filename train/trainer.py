@@ -454,6 +454,58 @@ def _is_main() -> bool:
     return int(__import__("os").environ.get("RANK", "0")) == 0
 
 
+ATTN_NAMES = {"sdpa": "sdpa", "flex": "flex_attention", "eager": "eager"}
+
+
+def _softcaps_attention(model) -> bool:
+    cfg = getattr(model, "config", None)
+    subs = [cfg, getattr(cfg, "text_config", None)]
+    return any(getattr(c, "attn_logit_softcapping", None) for c in subs if c is not None)
+
+
+def resolve_attn_impl(model, requested: str = "auto", device: str | None = None) -> str:
+    """The transformers ``attn_implementation`` for ``--attn-impl``.
+
+    ``auto``: ``sdpa`` (on CUDA it runs the memory-efficient kernel with the tree mask; on the
+    CPU the fused flash kernel or the math path), except for models that softcap attention
+    scores (Gemma-2), which SDPA cannot: ``flex_attention`` on CUDA (a ``score_mod``), else
+    ``eager``. ``flex`` needs a backward, which FlexAttention has only on GPUs: refused on the
+    CPU with that reason."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "auto":
+        if _softcaps_attention(model):
+            return "flex_attention" if dev.type == "cuda" and _has_flex() else "eager"
+        return "sdpa"
+    if requested not in ATTN_NAMES:
+        raise ConfigError(f"--attn-impl: must be one of auto, {', '.join(ATTN_NAMES)}, not {requested!r}")
+    if requested == "flex":
+        if not _has_flex():
+            raise ConfigError(f"--attn-impl flex: torch {torch.__version__} has no FlexAttention")
+        if dev.type != "cuda":
+            raise ConfigError(f"--attn-impl flex: FlexAttention has no backward on {dev.type} in torch "
+                              f"{torch.__version__} (training needs one); use sdpa or eager")
+    if requested == "sdpa" and _softcaps_attention(model):
+        raise ConfigError("--attn-impl sdpa: this model softcaps attention scores, which SDPA cannot; "
+                          "use eager (or flex on a GPU)")
+    return ATTN_NAMES[requested]
+
+
+def _has_flex() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def set_attn_impl(model, requested: str = "auto", device: str | None = None) -> str:
+    """Switch ``model`` (before peft wraps it) to the resolved attention implementation."""
+    name = resolve_attn_impl(model, requested, device)
+    if getattr(model.config, "_attn_implementation", None) != name:
+        model.set_attn_implementation(name)
+    return name
+
+
 def build_peft_model(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
@@ -536,6 +588,30 @@ def plot_history(history: list[dict[str, float]], path) -> None:
     plt.close(fig)
 
 
+def memory_check(trainer: SteerTrainer, tasks: Sequence[TaskExample]) -> dict[str, Any]:
+    """Estimate the peak memory of a step (`train.memory`), print it, and raise
+    `train.memory.MemoryRefused` when it cannot fit (unless ``--ignore-memory-check``).
+
+    The micro-batch is ``--token-budget`` tokens, or the longest sequence when one is longer
+    (it gets a row of its own)."""
+    from train.memory import check_memory
+
+    cfg = trainer.steer_config
+    longest = max((len(s) for t in tasks for s in Batch([t], use_sft=trainer.use_sft,
+                                                        use_pairs=trainer.use_pairs).sequences), default=0)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    est = check_memory(model, tokens=max(cfg.token_budget, longest), kl=cfg.kl_weight > 0 and cfg.kl_mode == "full",
+                       packing=cfg.packing, gradient_checkpointing=cfg.gradient_checkpointing,
+                       force=not cfg.memory_check, device=trainer.args.device)
+    if trainer.is_world_process_zero():
+        print(est.summary(), flush=True)
+        if not est.fits:
+            log.warning("the estimate exceeds the free memory; running anyway (--ignore-memory-check)")
+    return {"peak_bytes": est.peak, "tokens": est.tokens, "weights": est.weights,
+            "trainable_state": est.trainable_state, "activations": est.activations, "transient": est.transient,
+            "available": est.available, "device": est.device}
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """The whole ``steer-train`` run: data -> model -> LoRA -> train -> eval -> outputs.
 
@@ -571,11 +647,13 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     ds.errors, ds.files = rep.errors, rep.files
     log.info("data: %s", ds.summary())
 
+    attn = set_attn_impl(model, cfg.attn_impl)
     model = build_peft_model(model, cfg)
     args = training_arguments(cfg, out)
     trainer = SteerTrainer(model=model, args=args, train_dataset=TaskDataset(ds.train), steer_config=cfg,
                            callbacks=[StopOnNonFinite()])
     trainer.prepare_reference(ds.train)
+    memory = memory_check(trainer, ds.train)
     eval_tasks = ds.eval
     before_scores = None
     resume = None
@@ -594,6 +672,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "data": ds.summary(),
         "bad_files": ds.errors,
         "config": cfg.to_dict(),
+        "attn_implementation": attn,
+        "memory_estimate": memory,
         "train": {"global_step": trainer.state.global_step, "world_size": trainer.args.world_size, "train_loss": float(result.training_loss),
                   "seconds": round(train_s, 2), "steps_per_second": round(trainer.state.global_step / max(train_s, 1e-9), 4)},
         "history": trainer.history,
