@@ -231,13 +231,16 @@ def suggest(model, est: MemoryEstimate, *, kl: bool, packing: str, gradient_chec
         return []
     out = []
     room = HEADROOM * est.available
-    t = est.tokens // 2
+    t, e = est.tokens // 2, None
     while t >= 64:
         e = estimate_memory(model, tokens=t, kl=kl, packing=packing, gradient_checkpointing=gradient_checkpointing)
         if e.to_allocate <= room:
             out.append(f"--token-budget {t} (estimated peak {e.peak / GiB:.2f} GiB)")
             break
         t //= 2
+    else:
+        if e is not None:
+            out.append(f"not a smaller --token-budget alone (even 64 tokens: estimated peak {e.peak / GiB:.2f} GiB)")
     if not gradient_checkpointing:
         e = estimate_memory(model, tokens=est.tokens, kl=kl, packing=packing, gradient_checkpointing=True)
         out.append(f"--gradient-checkpointing (estimated peak {e.peak / GiB:.2f} GiB)")
