@@ -161,9 +161,19 @@ class ReferenceCache:
 
     @torch.no_grad()
     def fill(self, model, tasks: Sequence[TaskExample], cfg: TrainConfig, use_sft: bool, use_pairs: bool,
-             batch_size: int = 4) -> None:
-        """Compute missing reference log-probs, a few tasks per forward."""
+             batch_size: int = 4, shard: bool = False) -> None:
+        """Compute missing reference log-probs, a few tasks per forward.
+
+        ``shard`` (every rank calls it with the same tasks): under torch.distributed each rank
+        computes every world-size-th task and the ranks exchange their results, so each
+        log-prob is computed once, not once per rank."""
         todo = [t for t in tasks if any(k not in self.logps for k in Batch([t], use_sft=use_sft, use_pairs=use_pairs).keys)]
+        dist = torch.distributed
+        world = dist.get_world_size() if shard and dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            todo = todo[dist.get_rank()::world]
+            before = set(self.logps)
+        self.computed = len(todo)
         was_training = model.training
         model.eval()
         try:
@@ -178,6 +188,12 @@ class ReferenceCache:
                         self.logps[k] = lp.detach().float().cpu()
         finally:
             model.train(was_training)
+        if world > 1:
+            mine = {k: v for k, v in self.logps.items() if k not in before}
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, mine)
+            for part in gathered:
+                self.logps.update(part)
 
 
 class _adapter_disabled:
@@ -244,7 +260,7 @@ class SteerTrainer(Trainer):
     def prepare_reference(self, *datasets: Sequence[TaskExample]) -> None:
         model = self.model
         for ds in datasets:
-            self.reference.fill(model, ds, self.steer_config, self.sft_reference, self.use_pairs)
+            self.reference.fill(model, ds, self.steer_config, self.sft_reference, self.use_pairs, shard=True)
 
     # -- loss ------------------------------------------------------------------------------
     def training_step(self, *args, **kwargs):
@@ -272,8 +288,12 @@ class SteerTrainer(Trainer):
         if missing:  # examples not seen by prepare_reference (e.g. a custom dataset)
             self.reference.fill(inner, tasks, cfg, self.sft_reference, self.use_pairs)
         if not batch.sequences:
-            loss = sum(p.sum() * 0.0 for p in inner.parameters() if p.requires_grad)
-            self._check_finite(loss)  # every rank joins the all_reduce, or the others hang
+            # Nothing to learn here, but under DDP the other ranks' backward waits for this
+            # rank's gradient all-reduce, which only a forward through the wrapper arms: forward
+            # two tokens and return 0 with their graph. The finite check's all_reduce likewise.
+            lp = token_logprobs(fwd, [[0, 0]], packing=cfg.packing, token_budget=cfg.token_budget, fallback=True)[0]
+            loss = lp.sum() * 0.0
+            self._check_finite(loss)
             return (loss, {}) if return_outputs else loss
         norms = batch.norms()
         micro = batch.split(cfg.token_budget, cfg.packing)
