@@ -637,19 +637,27 @@ def memory_check(trainer: SteerTrainer, tasks: Sequence[TaskExample]) -> dict[st
 
     The micro-batch is ``--token-budget`` tokens, or the longest sequence when one is longer
     (it gets a row of its own)."""
-    from train.memory import check_memory
+    from train.memory import MemoryRefused, estimate_memory, suggest
 
     cfg = trainer.steer_config
     longest = max((len(s) for t in tasks for s in Batch([t], use_sft=trainer.use_sft,
                                                         use_pairs=trainer.use_pairs).sequences), default=0)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    est = check_memory(model, tokens=max(cfg.token_budget, longest), kl=cfg.kl_weight > 0 and cfg.kl_mode == "full",
-                       packing=cfg.packing, gradient_checkpointing=cfg.gradient_checkpointing,
-                       force=not cfg.memory_check, device=trainer.args.device)
+    kw = dict(kl=cfg.kl_weight > 0 and cfg.kl_mode == "full", packing=cfg.packing,
+              gradient_checkpointing=cfg.gradient_checkpointing)
+    est = estimate_memory(model, tokens=max(cfg.token_budget, longest), device=trainer.args.device, **kw)
+    bad = torch.tensor([0.0 if est.fits else 1.0], device=trainer.args.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # all ranks refuse, or none
     if trainer.is_world_process_zero():
         print(est.summary(), flush=True)
-        if not est.fits:
-            log.warning("the estimate exceeds the free memory; running anyway (--ignore-memory-check)")
+    if bad.item() > 0:
+        if cfg.memory_check:
+            tips = suggest(model, est, **kw) if not est.fits else []
+            raise MemoryRefused(f"this run will not fit: {est.summary()}"
+                                + (". Try " + "; or ".join(tips) if tips else " (on another rank)")
+                                + ". --ignore-memory-check runs anyway.")
+        log.warning("the estimate exceeds the free memory; running anyway (--ignore-memory-check)")
     return {"peak_bytes": est.peak, "tokens": est.tokens, "weights": est.weights,
             "trainable_state": est.trainable_state, "activations": est.activations, "transient": est.transient,
             "available": est.available, "device": est.device}
