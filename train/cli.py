@@ -61,6 +61,11 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--attn-impl", choices=["auto", "sdpa", "flex", "eager"],
+                   help="attention kernel (default auto: sdpa; eager for models with attention softcapping, "
+                   "flex for those on CUDA)")
+    p.add_argument("--ignore-memory-check", dest="memory_check", action="store_false", default=None,
+                   help="train even when the estimated peak memory exceeds what the device has free")
     p.add_argument("--fp32", dest="bf16", action="store_false", default=None, help="no bf16 even on a GPU")
     p.add_argument("--resume", action="store_true", default=None)
     p.add_argument("--merge", action="store_true", default=None, help="also write a merged HF model to OUT/merged")
@@ -124,6 +129,7 @@ def _run(cfg: TrainConfig) -> int:
     from train.modeling import ModelError
 
     try:
+        from train.memory import MemoryRefused
         from train.trainer import NonFiniteLoss, run_training
     except ImportError as exc:
         return _fail(f"the training extra is not installed ({exc}); run `pip install 'steer[train]'`")
@@ -131,6 +137,8 @@ def _run(cfg: TrainConfig) -> int:
         metrics = run_training(cfg)
     except (DataError, ModelError, ConfigError) as exc:
         return _fail(str(exc))
+    except MemoryRefused as exc:
+        return _fail(str(exc), 3)
     except NonFiniteLoss as exc:
         return _fail(str(exc), 3)
     except Exception as exc:  # OOM has no common base class across backends

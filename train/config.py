@@ -29,6 +29,7 @@ OBJECTIVES = ("sft", "dpo", "sft+dpo")
 LOSS_TYPES = ("sigmoid", "ipo")
 PACKINGS = ("tree", "none")
 KL_MODES = ("full", "token")
+ATTN_IMPLS = ("auto", "sdpa", "flex", "eager")
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,8 @@ class TrainConfig:
     packing: str = "tree"
     token_budget: int = 4096
     gradient_checkpointing: bool = False
+    attn_impl: str = "auto"  # "auto", "sdpa", "flex" or "eager" (see train.trainer.resolve_attn_impl)
+    memory_check: bool = True  # estimate the peak memory before training and refuse when it cannot fit
     bf16: bool | None = None  # None: bf16 on a CUDA GPU that supports it, fp32 otherwise
     save_steps: int = 50
     save_total_limit: int = 2
@@ -99,6 +102,8 @@ class TrainConfig:
             raise bad("loss_type", f"must be one of {', '.join(LOSS_TYPES)}, not {self.loss_type!r}")
         if self.kl_mode not in KL_MODES:
             raise bad("kl_mode", f"must be one of {', '.join(KL_MODES)}, not {self.kl_mode!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise bad("attn_impl", f"must be one of {', '.join(ATTN_IMPLS)}, not {self.attn_impl!r}")
         if self.packing not in PACKINGS:
             raise bad("packing", f"must be one of {', '.join(PACKINGS)}, not {self.packing!r}")
         for k in ("lr", "beta", "epochs"):

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from train.chunked import HeadStates, head_full_kl
+
 __all__ = [
     "pad_logps",
     "weighted_nll",
@@ -196,7 +198,8 @@ def reference_kl(policy: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
     return (k3 * m).sum() / total
 
 
-def full_reference_kl(policy_rows: Sequence[Tensor], reference_rows: Sequence[Tensor]) -> Tensor:
+def full_reference_kl(policy_rows: Sequence[Tensor | HeadStates],
+                      reference_rows: Sequence[Tensor | HeadStates]) -> Tensor:
     """Exact KL(policy ‖ reference) over the whole vocabulary, averaged over positions.
 
     Unlike the one-token k3 estimate (:func:`reference_kl`), this sees every token's
@@ -206,8 +209,14 @@ def full_reference_kl(policy_rows: Sequence[Tensor], reference_rows: Sequence[Te
 
     Args:
         policy_rows: per sequence, ``(n_i, V)`` policy log-softmax rows at the positions the
-            KL covers (model-written targets), with grad.
-        reference_rows: the same shapes from the reference model (no grad).
+            KL covers (model-written targets), with grad; or a `train.chunked.HeadStates`
+            (``(n_i, H)`` hidden states + the output layer), the form
+            ``token_logprobs(..., dist_states=True)`` returns.
+        reference_rows: the same from the reference model (no grad).
+
+    When every entry on both sides is a ``HeadStates`` of one output layer, the KL runs
+    chunked (`train.chunked.head_full_kl`): the same sum, but backward keeps the ``(n, H)``
+    hidden states instead of fp32 ``(n, V)`` rows. Otherwise the rows are materialised.
 
     Returns:
         scalar: mean over all positions of ``sum_v p(v) (log p(v) - log q(v))``; 0 with a
@@ -215,6 +224,19 @@ def full_reference_kl(policy_rows: Sequence[Tensor], reference_rows: Sequence[Te
     """
     if len(policy_rows) != len(reference_rows):
         raise ValueError(f"full_reference_kl: {len(policy_rows)} policy vs {len(reference_rows)} reference sequences")
+    both = list(policy_rows) + list(reference_rows)
+    if both and all(isinstance(r, HeadStates) for r in both) and len({id(r.head.weight) for r in both}) == 1:
+        for i, (lp, lq) in enumerate(zip(policy_rows, reference_rows)):
+            if lp.hidden.shape != lq.hidden.shape:
+                raise ValueError(f"full_reference_kl: sequence {i}: shapes differ: "
+                                 f"{tuple(lp.hidden.shape)} vs {tuple(lq.hidden.shape)}")
+        pol = torch.cat([r.hidden for r in policy_rows])
+        if pol.shape[0] == 0:
+            return pol.sum() * 0.0
+        per_pos = head_full_kl(pol, torch.cat([r.hidden for r in reference_rows]), policy_rows[0].head)
+        return per_pos.sum() / pol.shape[0]
+    policy_rows = [r.log_softmax() if isinstance(r, HeadStates) else r for r in policy_rows]
+    reference_rows = [r.log_softmax() if isinstance(r, HeadStates) else r for r in reference_rows]
     total, n = None, 0
     for i, (lp, lq) in enumerate(zip(policy_rows, reference_rows)):
         if lp.shape != lq.shape:

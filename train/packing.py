@@ -44,16 +44,20 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from train.chunked import HeadStates, LMHead, head_token_logprobs
+
 __all__ = [
     "PackPlan",
     "TreePackingUnsupported",
     "check_tree_packing",
+    "lm_head_of",
     "pack_stats",
     "plan_packing",
     "token_logprobs",
@@ -425,7 +429,8 @@ def ancestor_block_mask(end: torch.Tensor):
 
 def _child_logprobs(logits: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, need: np.ndarray | None = None,
                     start: int = 0, dists: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """log_softmax(logits)[src, tgt] in fp32, with one logsumexp per logits row.
+    """log_softmax(logits)[src, tgt] in fp32, with one logsumexp per logits row (the plain,
+    unchunked path: autograd keeps the fp32 ``[rows, V]`` logits for backward).
 
     With ``need`` (flags over the flat edge vector; this call's edges start at ``start``),
     the full log-softmax rows of the flagged edges are appended to ``dists``, from the same
@@ -440,8 +445,97 @@ def _child_logprobs(logits: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, 
     return logits[src, tgt] - lse[src]
 
 
+def _head_logprobs(hidden: torch.Tensor, head: LMHead, src: torch.Tensor, tgt: torch.Tensor,
+                   need: np.ndarray | None, start: int, dists: list[torch.Tensor], states: bool) -> torch.Tensor:
+    """The chunked equivalent of `_child_logprobs` from the hidden states ``[K, H]`` that the
+    output layer would have turned into logits. Flagged edges append their hidden rows
+    (``states``) or their full log-softmax rows to ``dists``."""
+    if need is not None:
+        local = np.flatnonzero(need[start : start + len(src)])
+        if len(local):
+            rows = hidden[src[torch.from_numpy(local).to(src.device)]]
+            dists.append(rows if states else head.logits(rows).log_softmax(-1))
+    return head_token_logprobs(hidden, head, src, tgt)
+
+
+# --------------------------------------------------------------------------- output layer
+
+#: models whose output layer output did not match ``LMHead`` (a logits transform we do not
+#: know): they run the plain path.
+_UNFUSABLE: "weakref.WeakSet" = weakref.WeakSet()
+
+
+class _Unfusable(Exception):
+    """The tapped output layer does not reproduce the model's logits; rerun unfused."""
+
+
+def lm_head_of(model, chunk: int | None = None) -> tuple[torch.nn.Module, LMHead] | None:
+    """The output layer of `model` and its `LMHead`, when it is a plain ``nn.Linear`` (not
+    wrapped by an adapter) and the model has not been found to transform its output; else None."""
+    base = _base(model)
+    get = getattr(base, "get_output_embeddings", None)
+    module = get() if callable(get) else None
+    if type(module) is not torch.nn.Linear or module in _UNFUSABLE:
+        return None
+    softcap = None
+    for c in _sub_configs(_config(model)):
+        softcap = softcap or getattr(c, "final_logit_softcapping", None)
+    return module, LMHead(module.weight, module.bias, float(softcap) if softcap else None, chunk)
+
+
+class _HeadTap:
+    """For one model call, the output layer keeps its input (the hidden states) and computes
+    the logits of the first position only; `check` then compares those with what `LMHead`
+    computes from the same hidden state, so a model that transforms its logits after the
+    layer (a scale we do not know) is caught, not silently trained on other numbers."""
+
+    def __init__(self, module: torch.nn.Module, head: LMHead):
+        self.module, self.head, self.hidden = module, head, None
+
+    def __enter__(self):
+        mod = self.module
+        self._had = "forward" in mod.__dict__
+        self._old = mod.__dict__.get("forward")
+        inner = mod.forward
+
+        def tapped(x, *args, **kwargs):
+            self.hidden = x
+            return inner(x[..., :1, :], *args, **kwargs)
+
+        mod.forward = tapped
+        return self
+
+    def __exit__(self, *exc):
+        if self._had:
+            self.module.forward = self._old
+        else:
+            del self.module.forward
+        return False
+
+    def check(self, logits: torch.Tensor) -> None:
+        if self.hidden is None:
+            raise _Unfusable("the output layer was not called")
+        with torch.no_grad():
+            want = self.head.logits(self.hidden[..., :1, :])
+            got = logits[..., :1, :].float()
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-3):
+            raise _Unfusable("the model transforms the output layer's logits")
+
+
+def _call(model, tap: _HeadTap | None, **kwargs):
+    """``(hidden, None)`` through the tap, or ``(None, logits)`` without one."""
+    if tap is None:
+        return None, model(**kwargs).logits
+    tap.hidden = None
+    with tap:
+        out = model(**kwargs)
+    tap.check(out.logits)
+    return tap.hidden, None
+
+
 def _tree_forward(model, plan: PackPlan, device, need: np.ndarray | None = None,
-                  dists: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                  dists: list[torch.Tensor] | None = None, tap: _HeadTap | None = None,
+                  states: bool = False) -> list[torch.Tensor]:
     impl = getattr(_config(model), "_attn_implementation", None) or "eager"
     dtype = _model_dtype(model)
     can_keep = "logits_to_keep" in _forward_params(model)
@@ -454,18 +548,23 @@ def _tree_forward(model, plan: PackPlan, device, need: np.ndarray | None = None,
         mask = ancestor_block_mask(end) if impl == "flex_attention" else ancestor_mask(end, dtype)
         keep = torch.from_numpy(row.keep).to(device)
         kwargs = {"logits_to_keep": keep} if can_keep else {}
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs).logits[0]
-        if not can_keep:
-            logits = logits[keep]
+        hidden, logits = _call(model, tap, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                               **kwargs)
         src = torch.from_numpy(row.child_src).to(device)
         tgt = torch.from_numpy(row.tokens[row.child]).to(device)
-        parts.append(_child_logprobs(logits, src, tgt, need, start, dists))
+        if hidden is not None:
+            hidden = hidden[0] if can_keep else hidden[0][keep]
+            parts.append(_head_logprobs(hidden, tap.head, src, tgt, need, start, dists, states))
+        else:
+            logits = logits[0] if can_keep else logits[0][keep]
+            parts.append(_child_logprobs(logits, src, tgt, need, start, dists))
         start += len(src)
     return parts
 
 
 def _linear_forward(model, plan: PackPlan, seqs: list[np.ndarray], device, need: np.ndarray | None = None,
-                    dists: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                    dists: list[torch.Tensor] | None = None, tap: _HeadTap | None = None,
+                    states: bool = False) -> list[torch.Tensor]:
     parts = []
     start = 0
     for batch, width in zip(plan.linear_rows, plan.linear_width):
@@ -475,12 +574,16 @@ def _linear_forward(model, plan: PackPlan, seqs: list[np.ndarray], device, need:
             ids[r, : len(seqs[i])] = seqs[i]
             attn[r, : len(seqs[i])] = 1
         ids_t = torch.from_numpy(ids).to(device)
-        logits = model(
-            input_ids=ids_t, attention_mask=torch.from_numpy(attn).to(device), use_cache=False
-        ).logits[:, :-1]  # [B, W-1, V]; padding targets are gathered but never indexed
-        flat = logits.reshape(-1, logits.shape[-1])
-        src = torch.arange(flat.shape[0], device=device)
-        parts.append(_child_logprobs(flat, src, ids_t[:, 1:].reshape(-1), need, start, dists))
+        hidden, logits = _call(model, tap, input_ids=ids_t, attention_mask=torch.from_numpy(attn).to(device),
+                               use_cache=False)
+        tgt = ids_t[:, 1:].reshape(-1)  # padding targets are gathered but never indexed
+        src = torch.arange(tgt.shape[0], device=device)
+        if hidden is not None:
+            flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+            parts.append(_head_logprobs(flat, tap.head, src, tgt, need, start, dists, states))
+        else:
+            flat = logits[:, :-1].reshape(-1, logits.shape[-1])  # [B * (W-1), V]
+            parts.append(_child_logprobs(flat, src, tgt, need, start, dists))
         start += len(src)
     return parts
 
@@ -495,6 +598,9 @@ def token_logprobs(
     fallback: bool = False,
     plan: PackPlan | None = None,
     dist_masks: Sequence[Sequence[bool]] | None = None,
+    dist_states: bool = False,
+    fused: bool = True,
+    head_chunk: int | None = None,
 ):
     """Per-token log-probs of each sequence under `model` (a HF causal LM, maybe peft).
 
@@ -512,6 +618,17 @@ def token_logprobs(
         given, the call returns ``(logps, dists)`` where ``dists[i]`` holds the full
         log-softmax rows ``[n_i, vocab]`` (fp32) at the flagged predictions, in order (for a
         full-distribution KL). Only those rows are materialised.
+    dist_states: with ``dist_masks``, return each sequence's flagged positions as a
+        `train.chunked.HeadStates` (hidden states ``[n_i, H]`` + the output layer) instead of
+        ``[n_i, V]`` rows, so a loss over the full distribution can run chunked
+        (`train.losses.full_reference_kl` takes either form). Plain rows come back when the
+        output layer cannot be tapped (see ``fused``).
+    fused: compute the log-probs from the output layer's input in chunks of ``head_chunk``
+        rows (`train.chunked`), so backward keeps ``[T, H]`` hidden states instead of fp32
+        ``[T, V]`` logits. Used when the output layer is a plain ``nn.Linear`` whose output
+        the model returns unchanged (checked on every call from one position); otherwise,
+        and with ``fused=False``, the plain path runs.
+    head_chunk: rows per chunk (default: ~64 MiB of fp32 logits, `train.chunked.chunk_rows`).
     """
     if packing not in PACKINGS:
         raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
@@ -532,7 +649,7 @@ def token_logprobs(
                 raise TreePackingUnsupported(f"tree packing refused: {reason}")
             warnings.warn(f"tree packing refused, using packing='none': {reason}", stacklevel=2)
             return token_logprobs(model, seqs, packing="none", token_budget=token_budget, device=device,
-                                  dist_masks=dist_masks)
+                                  dist_masks=dist_masks, dist_states=dist_states, fused=fused, head_chunk=head_chunk)
     need = None
     if dist_masks is not None:
         if len(dist_masks) != len(seqs):
@@ -546,12 +663,22 @@ def token_logprobs(
         picked_flags = np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
         need = np.zeros(plan.n_edges, dtype=bool)
         need[plan.seq_index[picked_flags]] = True
-    dists: list[torch.Tensor] = []
     dev = _model_device(model, device)
-    if packing == "tree":
-        parts = _tree_forward(model, plan, dev, need, dists)
-    else:
-        parts = _linear_forward(model, plan, seqs, dev, need, dists)
+    found = lm_head_of(model, head_chunk) if fused else None
+    tap = _HeadTap(*found) if found is not None else None
+    states = bool(dist_states) and tap is not None
+    dists: list[torch.Tensor] = []
+    try:
+        if packing == "tree":
+            parts = _tree_forward(model, plan, dev, need, dists, tap, states)
+        else:
+            parts = _linear_forward(model, plan, seqs, dev, need, dists, tap, states)
+    except _Unfusable as exc:
+        _UNFUSABLE.add(tap.module)
+        warnings.warn(f"chunked log-probs off for {type(_base(model)).__name__} ({exc}); "
+                      f"using full logits", stacklevel=2)
+        return token_logprobs(model, seqs, packing=packing, token_budget=token_budget, device=device,
+                              plan=plan, dist_masks=dist_masks, dist_states=dist_states, fused=False)
     if not parts:
         logps = [torch.zeros(0, dtype=torch.float32, device=dev) for _ in seqs]
     else:
@@ -562,8 +689,12 @@ def token_logprobs(
         return logps
     # rows were appended in flat-edge order; rank maps a needed edge to its row
     rank = np.cumsum(need) - 1
-    table = torch.cat(dists) if dists else torch.zeros(0, 0, dtype=torch.float32, device=dev)
+    width = tap.head.weight.shape[1] if states else (getattr(_config(model), "vocab_size", None) or 0)
+    table = torch.cat(dists) if dists else torch.zeros(0, width, dtype=torch.float32, device=dev)
     rows = torch.from_numpy(rank[plan.seq_index[picked_flags]]).to(dev)
     gathered = table[rows] if len(rows) else table[:0]
     counts = [int(f.sum()) for f in flags]
-    return logps, list(torch.split(gathered, counts))
+    split = list(torch.split(gathered, counts))
+    if states:
+        return logps, [HeadStates(h, tap.head) for h in split]
+    return logps, split

@@ -12,19 +12,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import defaultdict
 from typing import Any, Sequence
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
 from train.config import ConfigError, TrainConfig, parse_layers
 from train.data import TaskExample
 from train.losses import (chosen_nll, dpo_loss, dpo_metrics, full_reference_kl, pad_logps, reference_kl, span_logps,
                           weighted_nll)
-from train.packing import token_logprobs
+from train.packing import plan_packing, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +70,25 @@ class Batch:
                 for i, s in enumerate(t.sft):
                     if len(s.input_ids) < 2:
                         continue
-                    self.sft_idx.append(len(self.sequences))
-                    self.sequences.append(s.input_ids)
-                    self.sft.append(s)
-                    self.keys.append((t.task, "sft", i))
+                    self._add_sft(s, (t.task, "sft", i))
             if use_pairs:
                 for i, p in enumerate(t.pairs):
-                    self.chosen_idx.append(len(self.sequences))
-                    self.sequences.append(p.chosen_ids)
-                    self.keys.append((t.task, "chosen", i))
-                    self.rejected_idx.append(len(self.sequences))
-                    self.sequences.append(p.rejected_ids)
-                    self.keys.append((t.task, "rejected", i))
-                    self.pairs.append(p)
+                    self._add_pair(p, (t.task, "chosen", i), (t.task, "rejected", i))
+
+    def _add_sft(self, s, key) -> None:
+        self.sft_idx.append(len(self.sequences))
+        self.sequences.append(s.input_ids)
+        self.sft.append(s)
+        self.keys.append(key)
+
+    def _add_pair(self, p, ckey, rkey) -> None:
+        self.chosen_idx.append(len(self.sequences))
+        self.sequences.append(p.chosen_ids)
+        self.keys.append(ckey)
+        self.rejected_idx.append(len(self.sequences))
+        self.sequences.append(p.rejected_ids)
+        self.keys.append(rkey)
+        self.pairs.append(p)
 
     def kl_masks(self) -> list[list[bool]]:
         """Per sequence, which predictions the reference KL covers: the model-written
@@ -89,6 +97,52 @@ class Batch:
         for i, s in zip(self.sft_idx, self.sft):
             masks[i] = [bool(m) for m in s.model_mask[1:]]
         return masks
+
+    def norms(self) -> dict[str, float]:
+        """The denominators of the batch's mean loss terms (the loss of a micro-batch is its
+        share of the batch's: its sums over these)."""
+        return {
+            "sft_weight": float(sum(sum(float(w) for w in s.weights[1:]) for s in self.sft)),
+            "kl_tokens": float(sum(sum(float(m) for m in s.model_mask[1:]) for s in self.sft)),
+            "kl_positions": float(sum(sum(1 for m in s.model_mask[1:] if m) for s in self.sft)),
+            "pairs": float(len(self.pairs)),
+        }
+
+    def _units(self) -> list[tuple[str, int]]:
+        """SFT paths and DPO pairs (chosen + rejected stay together) in sequence order."""
+        first = {i: ("sft", k) for k, i in enumerate(self.sft_idx)}
+        first.update({i: ("pair", k) for k, i in enumerate(self.chosen_idx)})
+        return [first[i] for i in sorted(first)]
+
+    def split(self, token_budget: int, packing: str) -> list["Batch"]:
+        """Micro-batches whose packed forward (``plan_packing(..., packing, token_budget)``)
+        holds at most ``token_budget`` tokens, units in order so that a task's sequences
+        stay together and keep sharing their prefixes. A unit (an SFT path, or a DPO pair)
+        larger than the budget gets a micro-batch of its own."""
+        out: list[Batch] = []
+        cur: Batch | None = None
+        for kind, k in self._units():
+            seqs = [self.sequences[self.sft_idx[k]]] if kind == "sft" else \
+                [self.sequences[self.chosen_idx[k]], self.sequences[self.rejected_idx[k]]]
+            if cur is not None and _forwarded(cur.sequences + seqs, packing, token_budget) > token_budget:
+                out.append(cur)
+                cur = None
+            if cur is None:
+                cur = Batch([], use_sft=False, use_pairs=False)
+            if kind == "sft":
+                i = self.sft_idx[k]
+                cur._add_sft(self.sft[k], self.keys[i])
+            else:
+                cur._add_pair(self.pairs[k], self.keys[self.chosen_idx[k]], self.keys[self.rejected_idx[k]])
+        if cur is not None:
+            out.append(cur)
+        return out
+
+
+def _forwarded(sequences: list[list[int]], packing: str, token_budget: int) -> int:
+    """Tokens one ``token_logprobs`` call forwards for these sequences (padding included)."""
+    live = [s for s in sequences if len(s) > 1]
+    return plan_packing(live, packing=packing, token_budget=token_budget).tokens_forwarded if live else 0
 
 
 class ReferenceCache:
@@ -107,9 +161,19 @@ class ReferenceCache:
 
     @torch.no_grad()
     def fill(self, model, tasks: Sequence[TaskExample], cfg: TrainConfig, use_sft: bool, use_pairs: bool,
-             batch_size: int = 4) -> None:
-        """Compute missing reference log-probs, a few tasks per forward."""
+             batch_size: int = 4, shard: bool = False) -> None:
+        """Compute missing reference log-probs, a few tasks per forward.
+
+        ``shard`` (every rank calls it with the same tasks): under torch.distributed each rank
+        computes every world-size-th task and the ranks exchange their results, so each
+        log-prob is computed once, not once per rank."""
         todo = [t for t in tasks if any(k not in self.logps for k in Batch([t], use_sft=use_sft, use_pairs=use_pairs).keys)]
+        dist = torch.distributed
+        world = dist.get_world_size() if shard and dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            todo = todo[dist.get_rank()::world]
+            before = set(self.logps)
+        self.computed = len(todo)
         was_training = model.training
         model.eval()
         try:
@@ -124,6 +188,12 @@ class ReferenceCache:
                         self.logps[k] = lp.detach().float().cpu()
         finally:
             model.train(was_training)
+        if world > 1:
+            mine = {k: v for k, v in self.logps.items() if k not in before}
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, mine)
+            for part in gathered:
+                self.logps.update(part)
 
 
 class _adapter_disabled:
@@ -190,10 +260,25 @@ class SteerTrainer(Trainer):
     def prepare_reference(self, *datasets: Sequence[TaskExample]) -> None:
         model = self.model
         for ds in datasets:
-            self.reference.fill(model, ds, self.steer_config, self.sft_reference, self.use_pairs)
+            self.reference.fill(model, ds, self.steer_config, self.sft_reference, self.use_pairs, shard=True)
 
     # -- loss ------------------------------------------------------------------------------
+    def training_step(self, *args, **kwargs):
+        self._stepping = True
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            self._stepping = False
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The batch's loss, computed in micro-batches of at most ``token_budget`` forwarded
+        tokens (`Batch.split`), each term normalised by the whole batch (`Batch.norms`), so
+        the sum over micro-batches is the loss of the batch in one piece.
+
+        Inside a training step with more than one micro-batch, every micro-batch but the last
+        runs its backward here (under DDP's ``no_sync``), and the returned loss carries the
+        last one's graph plus the others' values: memory holds one micro-batch's graph at a
+        time, the gradient is the whole batch's, and each rank syncs once per step."""
         cfg = self.steer_config
         tasks: list[TaskExample] = inputs["tasks"]
         inner = self.accelerator.unwrap_model(model)
@@ -203,50 +288,105 @@ class SteerTrainer(Trainer):
         if missing:  # examples not seen by prepare_reference (e.g. a custom dataset)
             self.reference.fill(inner, tasks, cfg, self.sft_reference, self.use_pairs)
         if not batch.sequences:
-            loss = sum(p.sum() * 0.0 for p in inner.parameters() if p.requires_grad)
+            # Nothing to learn here, but under DDP the other ranks' backward waits for this
+            # rank's gradient all-reduce, which only a forward through the wrapper arms: forward
+            # two tokens and return 0 with their graph. The finite check's all_reduce likewise.
+            lp = token_logprobs(fwd, [[0, 0]], packing=cfg.packing, token_budget=cfg.token_budget, fallback=True)[0]
+            loss = lp.sum() * 0.0
+            self._check_finite(loss)
             return (loss, {}) if return_outputs else loss
+        norms = batch.norms()
+        micro = batch.split(cfg.token_budget, cfg.packing)
+        early = (getattr(self, "_stepping", False) and len(micro) > 1 and torch.is_grad_enabled()
+                 and self.accelerator.distributed_type != DistributedType.DEEPSPEED)
+        done = None  # values of the micro-batches whose backward already ran
+        total = None
+        metrics: dict[str, float] = defaultdict(float)
+        for k, mb in enumerate(micro):
+            last = k == len(micro) - 1
+            sync = contextlib.nullcontext() if last or not early else self.accelerator.no_sync(model)
+            with sync:
+                terms = self.micro_loss(inner, fwd, mb, norms)
+                loss = terms.pop("loss")
+                for key, v in terms.items():
+                    metrics[key] += float(v)
+                if early and not last:
+                    with torch.autocast(loss.device.type, enabled=False):
+                        self.accelerator.backward(loss / self._ga_divisor(num_items_in_batch))
+                    done = loss.detach() if done is None else done + loss.detach()
+                    continue
+            total = loss if total is None else total + loss
+        if done is not None:  # the value of the whole batch; the gradient of the last micro-batch
+            total = total + done
+        self._check_finite(total)
+        for key, v in metrics.items():
+            self._metrics[key].append(v)
+        return (total, {}) if return_outputs else total
+
+    def _ga_divisor(self, num_items_in_batch) -> float:
+        """What ``Trainer.training_step`` divides the returned loss by before its backward."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) \
+                or getattr(self, "compute_loss_func", None) is not None
+        return 1.0 if scaled else float(getattr(self, "current_gradient_accumulation_steps", 1) or 1)
+
+    def micro_loss(self, inner, fwd, batch: Batch, norms: dict[str, float]) -> dict[str, Any]:
+        """One micro-batch: forward, reference rows, loss terms (its share of the batch's)."""
+        cfg = self.steer_config
         full_kl = cfg.kl_weight > 0 and cfg.kl_mode == "full" and bool(batch.sft_idx)
         dists = None
         if full_kl:
             masks = batch.kl_masks()
             logps, dists = token_logprobs(fwd, batch.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
-                                          fallback=True, dist_masks=masks)
+                                          fallback=True, dist_masks=masks, dist_states=True)
         else:
             logps = token_logprobs(fwd, batch.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
                                    fallback=True)
         device = logps[0].device
         ref = self.reference.get(batch.keys, device, sft=self.sft_reference)
-        terms = self.loss_terms(batch, logps, ref, device)
+        terms = self.loss_terms(batch, logps, ref, device, norms)
         if dists is not None:
             ref_dists = self.reference_dists(inner, batch, [masks[i] for i in batch.sft_idx])
             kl = full_reference_kl([dists[i] for i in batch.sft_idx], ref_dists)
-            terms["loss"] = terms["loss"] + cfg.kl_weight * kl
-            terms["kl"] = kl.detach()
-        loss = terms.pop("loss")
-        self._check_finite(loss)
-        for k, v in terms.items():
-            self._metrics[k].append(float(v))
-        return (loss, {}) if return_outputs else loss
+            n = sum(len(r) for r in ref_dists)
+            if n:
+                kl = kl * (n / norms["kl_positions"])
+                terms["loss"] = terms["loss"] + cfg.kl_weight * kl
+                terms["kl"] = kl.detach()
+        return terms
 
     @torch.no_grad()
-    def reference_dists(self, model, batch: Batch, masks: list) -> list[torch.Tensor]:
-        """The base model's full log-softmax rows at the flagged positions of the SFT
-        sequences (adapter disabled, eval mode, no grad): the other side of the full KL."""
+    def reference_dists(self, model, batch: Batch, masks: list) -> list:
+        """The base model's full distributions at the flagged positions of the SFT
+        sequences (adapter disabled, eval mode, no grad): the other side of the full KL, as
+        `train.chunked.HeadStates` (or log-softmax rows when the output layer is not tapped)."""
         cfg = self.steer_config
         was_training = model.training
         model.eval()
         try:
             with _adapter_disabled(model):
                 _, rows = token_logprobs(model, [batch.sequences[i] for i in batch.sft_idx], packing=cfg.packing,
-                                         token_budget=cfg.token_budget, fallback=True, dist_masks=masks)
+                                         token_budget=cfg.token_budget, fallback=True, dist_masks=masks,
+                                         dist_states=True)
         finally:
             model.train(was_training)
         return rows
 
     def loss_terms(self, batch: Batch, logps: list[torch.Tensor], ref: list[torch.Tensor | None],
-                   device) -> dict[str, Any]:
-        """Combine the loss terms of one batch; returns ``loss`` (scalar) and float metrics."""
+                   device, norms: dict[str, float] | None = None) -> dict[str, Any]:
+        """Combine the loss terms of one batch; returns ``loss`` (scalar) and float metrics.
+
+        ``norms``: the denominators of the whole batch when ``batch`` is one of its
+        micro-batches (`Batch.norms`); each mean term is then scaled by this micro-batch's
+        share, so the terms of all micro-batches add up to the batch's."""
         cfg = self.steer_config
+        own = batch.norms()
+        norms = norms or own
+
+        def share(key: str) -> float:
+            return own[key] / norms[key] if norms[key] > 0 else 0.0
+
         out: dict[str, Any] = {}
         loss = logps[0].sum() * 0.0
         if batch.sft_idx:
@@ -254,11 +394,11 @@ class SteerTrainer(Trainer):
             w = pad_logps([torch.tensor(s.weights[1:], dtype=torch.float32, device=device) for s in batch.sft])
             mm = pad_logps([torch.tensor(s.model_mask[1:], dtype=torch.float32, device=device) for s in batch.sft])
             if "sft" in cfg.objective and bool((w > 0).any()):
-                sft = weighted_nll(pol, w, normalize="token")
+                sft = weighted_nll(pol, w, normalize="token") * share("sft_weight")
                 loss = loss + cfg.sft_weight * sft
                 out["sft_loss"] = sft.detach()
             if cfg.kl_weight > 0 and cfg.kl_mode == "token" and bool((mm > 0).any()):
-                kl = reference_kl(pol, pad_logps([ref[i] for i in batch.sft_idx]), mm)
+                kl = reference_kl(pol, pad_logps([ref[i] for i in batch.sft_idx]), mm) * share("kl_tokens")
                 loss = loss + cfg.kl_weight * kl
                 out["kl"] = kl.detach()
         if batch.pairs:
@@ -273,15 +413,16 @@ class SteerTrainer(Trainer):
                 pc, rc = pc / lc.clamp_min(1), rc / lc.clamp_min(1)
                 pr, rr = pr / lr.clamp_min(1), rr / lr.clamp_min(1)
             d = dpo_loss(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
-            dpo = d.losses.mean()
+            f = share("pairs")
+            dpo = d.losses.mean() * f
             loss = loss + cfg.dpo_weight * dpo
             out["dpo_loss"] = dpo.detach()
             if cfg.rpo_alpha > 0:
-                rpo = chosen_nll(pc * (lc if cfg.length_normalize else 1), lc).mean()
+                rpo = chosen_nll(pc * (lc if cfg.length_normalize else 1), lc).mean() * f
                 loss = loss + cfg.rpo_alpha * rpo
                 out["rpo_loss"] = rpo.detach()
             for k, v in dpo_metrics(d).items():
-                out[k] = v
+                out[k] = v * f
         out["loss"] = loss
         return out
 
@@ -333,6 +474,58 @@ def _is_main() -> bool:
     return int(__import__("os").environ.get("RANK", "0")) == 0
 
 
+ATTN_NAMES = {"sdpa": "sdpa", "flex": "flex_attention", "eager": "eager"}
+
+
+def _softcaps_attention(model) -> bool:
+    cfg = getattr(model, "config", None)
+    subs = [cfg, getattr(cfg, "text_config", None)]
+    return any(getattr(c, "attn_logit_softcapping", None) for c in subs if c is not None)
+
+
+def resolve_attn_impl(model, requested: str = "auto", device: str | None = None) -> str:
+    """The transformers ``attn_implementation`` for ``--attn-impl``.
+
+    ``auto``: ``sdpa`` (on CUDA it runs the memory-efficient kernel with the tree mask; on the
+    CPU the fused flash kernel or the math path), except for models that softcap attention
+    scores (Gemma-2), which SDPA cannot: ``flex_attention`` on CUDA (a ``score_mod``), else
+    ``eager``. ``flex`` needs a backward, which FlexAttention has only on GPUs: refused on the
+    CPU with that reason."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "auto":
+        if _softcaps_attention(model):
+            return "flex_attention" if dev.type == "cuda" and _has_flex() else "eager"
+        return "sdpa"
+    if requested not in ATTN_NAMES:
+        raise ConfigError(f"--attn-impl: must be one of auto, {', '.join(ATTN_NAMES)}, not {requested!r}")
+    if requested == "flex":
+        if not _has_flex():
+            raise ConfigError(f"--attn-impl flex: torch {torch.__version__} has no FlexAttention")
+        if dev.type != "cuda":
+            raise ConfigError(f"--attn-impl flex: FlexAttention has no backward on {dev.type} in torch "
+                              f"{torch.__version__} (training needs one); use sdpa or eager")
+    if requested == "sdpa" and _softcaps_attention(model):
+        raise ConfigError("--attn-impl sdpa: this model softcaps attention scores, which SDPA cannot; "
+                          "use eager (or flex on a GPU)")
+    return ATTN_NAMES[requested]
+
+
+def _has_flex() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def set_attn_impl(model, requested: str = "auto", device: str | None = None) -> str:
+    """Switch ``model`` (before peft wraps it) to the resolved attention implementation."""
+    name = resolve_attn_impl(model, requested, device)
+    if getattr(model.config, "_attn_implementation", None) != name:
+        model.set_attn_implementation(name)
+    return name
+
+
 def build_peft_model(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
@@ -352,7 +545,30 @@ def build_peft_model(model, cfg: TrainConfig):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return get_peft_model(model, lc)
+    peft_model = get_peft_model(model, lc)
+    fp32_trainable(peft_model)
+    return peft_model
+
+
+def weights_dtype(cfg: TrainConfig):
+    """bf16 weights on a CUDA GPU that supports bf16 (unless ``--fp32``): an 8B model takes
+    16 GB instead of 32, and under bf16 autocast the frozen Linear layers run on their own
+    weights instead of a bf16 copy made (and saved for backward) at every forward. fp32
+    elsewhere: CPUs run fp32 (no autocast there)."""
+    use = cfg.bf16 if cfg.bf16 is not None else True
+    return torch.bfloat16 if use and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+
+
+def fp32_trainable(model) -> int:
+    """Keep the trainable (LoRA) parameters in fp32, whatever the frozen weights' dtype: the
+    optimizer updates an fp32 master (a 2e-4 step is below bf16's resolution for weights of
+    size ~1). Returns how many tensors were cast."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32 and p.is_floating_point():
+            p.data = p.data.float()
+            n += 1
+    return n
 
 
 def training_arguments(cfg: TrainConfig, out_dir):
@@ -415,6 +631,38 @@ def plot_history(history: list[dict[str, float]], path) -> None:
     plt.close(fig)
 
 
+def memory_check(trainer: SteerTrainer, tasks: Sequence[TaskExample]) -> dict[str, Any]:
+    """Estimate the peak memory of a step (`train.memory`), print it, and raise
+    `train.memory.MemoryRefused` when it cannot fit (unless ``--ignore-memory-check``).
+
+    The micro-batch is ``--token-budget`` tokens, or the longest sequence when one is longer
+    (it gets a row of its own)."""
+    from train.memory import MemoryRefused, estimate_memory, suggest
+
+    cfg = trainer.steer_config
+    longest = max((len(s) for t in tasks for s in Batch([t], use_sft=trainer.use_sft,
+                                                        use_pairs=trainer.use_pairs).sequences), default=0)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    kw = dict(kl=cfg.kl_weight > 0 and cfg.kl_mode == "full", packing=cfg.packing,
+              gradient_checkpointing=cfg.gradient_checkpointing)
+    est = estimate_memory(model, tokens=max(cfg.token_budget, longest), device=trainer.args.device, **kw)
+    bad = torch.tensor([0.0 if est.fits else 1.0], device=trainer.args.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # all ranks refuse, or none
+    if trainer.is_world_process_zero():
+        print(est.summary(), flush=True)
+    if bad.item() > 0:
+        if cfg.memory_check:
+            tips = suggest(model, est, **kw) if not est.fits else []
+            raise MemoryRefused(f"this run will not fit: {est.summary()}"
+                                + (". Try " + "; or ".join(tips) if tips else " (on another rank)")
+                                + ". --ignore-memory-check runs anyway.")
+        log.warning("the estimate exceeds the free memory; running anyway (--ignore-memory-check)")
+    return {"peak_bytes": est.peak, "tokens": est.tokens, "weights": est.weights,
+            "trainable_state": est.trainable_state, "activations": est.activations, "transient": est.transient,
+            "available": est.available, "device": est.device}
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """The whole ``steer-train`` run: data -> model -> LoRA -> train -> eval -> outputs.
 
@@ -439,7 +687,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     set_seed(cfg.seed)
     rep = D.load_trees(cfg.data)
     source = resolve_model(cfg.model, D.tree_models(rep.trees))
-    model, tokenizer, where = load_model(source, trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer, where = load_model(source, dtype=weights_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
     vocab = D.VocabCheck(tokenizer=tokenizer, model_sha256=source.sha256,
                          vocab_sha256=vocab_sha256_from_pieces(token_pieces(tokenizer)) if tokenizer else None)
     opts = D.DataOptions(model_token_weight=cfg.model_token_weight, accepted_weight=cfg.accepted_weight,
@@ -450,11 +698,13 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     ds.errors, ds.files = rep.errors, rep.files
     log.info("data: %s", ds.summary())
 
+    attn = set_attn_impl(model, cfg.attn_impl)
     model = build_peft_model(model, cfg)
     args = training_arguments(cfg, out)
     trainer = SteerTrainer(model=model, args=args, train_dataset=TaskDataset(ds.train), steer_config=cfg,
                            callbacks=[StopOnNonFinite()])
     trainer.prepare_reference(ds.train)
+    memory = memory_check(trainer, ds.train)
     eval_tasks = ds.eval
     before_scores = None
     resume = None
@@ -473,6 +723,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "data": ds.summary(),
         "bad_files": ds.errors,
         "config": cfg.to_dict(),
+        "attn_implementation": attn,
+        "memory_estimate": memory,
         "train": {"global_step": trainer.state.global_step, "world_size": trainer.args.world_size, "train_loss": float(result.training_loss),
                   "seconds": round(train_s, 2), "steps_per_second": round(trainer.state.global_step / max(train_s, 1e-9), 4)},
         "history": trainer.history,

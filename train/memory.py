@@ -1,0 +1,264 @@
+"""How much memory a training step will take, measured on the model before training starts,
+and a refusal (with what to change) when it cannot fit the device.
+
+The estimate is the sum of
+
+* **weights**: every parameter and buffer as loaded (already resident when we check);
+* **trainable state**: gradient + two AdamW moments per trainable (LoRA) parameter;
+* **saved activations** of one micro-batch of ``T`` tokens (``T`` = ``--token-budget``, or
+  the longest sequence when one is longer: it gets a row of its own). They are *measured*,
+  not guessed: a probe forwards rows of ``P``, ``2P`` and ``4P`` tokens through the real
+  model in training mode (dropout on, gradient checkpointing off, the same attention
+  backend and the same loss head: log-probs + the full-vocabulary KL at every position) and
+  counts the bytes autograd saves for backward (`torch.autograd.graph.saved_tensors_hooks`,
+  once per storage, parameters left out). A fit ``a + b*T + c*T^2`` (``c``: attention
+  scores / the packed mask) extrapolates to ``T``. With gradient checkpointing the layers
+  keep only their inputs (``layers x T x hidden``) plus one layer recomputed at a time;
+* **transient**: what backward holds besides the saved tensors: one layer's worth of
+  activation gradients (the saved bytes / layers, twice) and the chunked output layer's
+  few ``chunk x V`` fp32 blocks.
+
+On CUDA the check compares what is still to be allocated (everything but the weights)
+with the free device memory; on the CPU with ``MemAvailable``. The probe costs three short
+forwards (no backward) and restores the RNG state, so it does not change the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from train.chunked import chunk_rows
+
+__all__ = ["MemoryEstimate", "MemoryRefused", "estimate_memory", "available_bytes", "check_memory", "SavedBytes"]
+
+GiB = 1 << 30
+#: fraction of the available memory a run may plan to use (allocator slack, fragmentation)
+HEADROOM = 0.9
+
+
+class MemoryRefused(RuntimeError):
+    """The estimated peak does not fit the device; the message says what to change."""
+
+
+class SavedBytes:
+    """Bytes autograd saves for backward while active, once per storage, parameters left
+    out (they exist anyway)."""
+
+    def __init__(self, model=None):
+        self.params = {p.untyped_storage()._cdata for p in model.parameters()} if model is not None else set()
+        self.seen: set = set()
+        self.total = 0
+
+    def _pack(self, t: torch.Tensor):
+        st = t.untyped_storage()
+        if st._cdata not in self.params and st._cdata not in self.seen:
+            self.seen.add(st._cdata)
+            self.total += st.nbytes()
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+@dataclass
+class MemoryEstimate:
+    device: str
+    tokens: int
+    weights: int
+    trainable_state: int
+    activations: int
+    transient: int
+    available: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.trainable_state + self.activations + self.transient
+
+    @property
+    def to_allocate(self) -> int:
+        """What is not resident yet when the check runs (the weights are)."""
+        return self.peak - self.weights
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.to_allocate <= HEADROOM * self.available
+
+    def summary(self) -> str:
+        def g(n):
+            return f"{n / GiB:.2f} GiB"
+
+        s = (f"estimated peak memory per device ({self.device}, {self.tokens} tokens per micro-batch): "
+             f"{g(self.peak)} = weights {g(self.weights)} + LoRA grads/optimizer {g(self.trainable_state)} + "
+             f"saved activations {g(self.activations)} + backward transient {g(self.transient)}")
+        if self.available is not None:
+            s += f"; available {g(self.available)} (needs {g(self.to_allocate)} beyond the loaded weights)"
+        return s
+
+
+def _rss_free_cpu() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def available_bytes(device) -> int | None:
+    """Free memory for the run: CUDA free device memory, or the host's MemAvailable."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        return int(free)
+    if dev.type == "cpu":
+        return _rss_free_cpu()
+    return None
+
+
+@contextlib.contextmanager
+def _probe_mode(model):
+    """Training mode (dropout on), gradient checkpointing off, RNG untouched afterwards."""
+    flags = [(m, m.gradient_checkpointing) for m in model.modules()
+             if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+    was = model.training
+    cpu_rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        for m, _ in flags:
+            m.gradient_checkpointing = False
+        model.train()
+        yield
+    finally:
+        for m, v in flags:
+            m.gradient_checkpointing = v
+        model.train(was)
+        torch.random.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def probe_saved_bytes(model, tokens: int, *, kl: bool = True, packing: str = "tree") -> int:
+    """Bytes saved for backward by one row of ``tokens`` tokens: log-probs of every
+    prediction plus (``kl``) the full KL at every position against a no-grad reference pass."""
+    from train.losses import full_reference_kl
+    from train.packing import token_logprobs
+
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0) or 2
+    seq = [int(x) for x in (np.arange(tokens) * 7 + 3) % vocab]
+    masks = [[True] * (tokens - 1)] if kl else None
+    ref = None
+    if kl:
+        with torch.no_grad():
+            _, ref = token_logprobs(model, [seq], packing=packing, token_budget=tokens, dist_masks=masks,
+                                    dist_states=True, fallback=True)
+    with SavedBytes(model) as sb:
+        if kl:
+            logps, dists = token_logprobs(model, [seq], packing=packing, token_budget=tokens, dist_masks=masks,
+                                          dist_states=True, fallback=True)
+            out = logps[0].sum() + full_reference_kl(dists, ref)
+        else:
+            out = token_logprobs(model, [seq], packing=packing, token_budget=tokens, fallback=True)[0].sum()
+    del out
+    return sb.total
+
+
+def _fit(points: list[tuple[int, int]]) -> tuple[float, float, float]:
+    """``a + b T + c T^2`` through three points, with ``b, c >= 0`` (bytes never shrink)."""
+    t = np.array([p[0] for p in points], dtype=np.float64)
+    y = np.array([p[1] for p in points], dtype=np.float64)
+    a, b, c = np.linalg.solve(np.stack([np.ones_like(t), t, t * t], 1), y)
+    if c < 0:  # noise: refit linear
+        c = 0.0
+        b, a = np.polyfit(t, y, 1)
+    return float(a), max(float(b), 0.0), float(c)
+
+
+def estimate_memory(model, *, tokens: int, device=None, kl: bool = True, packing: str = "tree",
+                    gradient_checkpointing: bool = False, probe_tokens: int = 32) -> MemoryEstimate:
+    """Estimate the peak memory of a training step of ``tokens`` tokens (see module doc)."""
+    params = list(model.parameters())
+    dev = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    weights = sum(p.numel() * p.element_size() for p in params) + \
+        sum(b.numel() * b.element_size() for b in model.buffers())
+    trainable = [p for p in params if p.requires_grad]
+    # gradient (param dtype) + AdamW exp_avg + exp_avg_sq (param dtype)
+    state = sum(3 * p.numel() * p.element_size() for p in trainable)
+    p = max(8, int(probe_tokens))
+    with _probe_mode(model):
+        pts = [(n, probe_saved_bytes(model, n, kl=kl, packing=packing)) for n in (p, 2 * p, 4 * p)]
+    a, b, c = _fit(pts)
+    full = a + b * tokens + c * tokens * tokens
+    cfg = getattr(model, "config", None)
+    layers = int(getattr(cfg, "num_hidden_layers", 1) or 1)
+    hidden = int(getattr(cfg, "hidden_size", 0) or 0)
+    act_bytes = params[0].element_size() if params else 4
+    if torch.is_autocast_enabled(dev.type) if dev.type in ("cuda", "cpu") else False:
+        act_bytes = 2
+    notes = [f"probe: {pts[0][1]:,} / {pts[1][1]:,} / {pts[2][1]:,} bytes saved at {p} / {2 * p} / {4 * p} tokens"]
+    per_layer = full / layers
+    if gradient_checkpointing:
+        activations = layers * tokens * hidden * act_bytes + per_layer
+        notes.append("gradient checkpointing: layer inputs + one layer recomputed")
+    else:
+        activations = full
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    head = 4 * min(chunk_rows(vocab), tokens) * vocab * 4 if vocab else 0
+    transient = int(2 * per_layer + head)
+    return MemoryEstimate(device=str(dev), tokens=int(tokens), weights=int(weights), trainable_state=int(state),
+                          activations=int(activations), transient=transient, available=available_bytes(dev),
+                          notes=notes)
+
+
+def suggest(model, est: MemoryEstimate, *, kl: bool, packing: str, gradient_checkpointing: bool) -> list[str]:
+    """What would fit: the largest power-of-two token budget, checkpointing, QLoRA."""
+    if est.available is None:
+        return []
+    out = []
+    room = HEADROOM * est.available
+    t, e = est.tokens // 2, None
+    while t >= 64:
+        e = estimate_memory(model, tokens=t, kl=kl, packing=packing, gradient_checkpointing=gradient_checkpointing)
+        if e.to_allocate <= room:
+            out.append(f"--token-budget {t} (estimated peak {e.peak / GiB:.2f} GiB)")
+            break
+        t //= 2
+    else:
+        if e is not None:
+            out.append(f"not a smaller --token-budget alone (even 64 tokens: estimated peak {e.peak / GiB:.2f} GiB)")
+    if not gradient_checkpointing:
+        e = estimate_memory(model, tokens=est.tokens, kl=kl, packing=packing, gradient_checkpointing=True)
+        out.append(f"--gradient-checkpointing (estimated peak {e.peak / GiB:.2f} GiB)")
+    out.append("a 4-bit base model (QLoRA) on a CUDA GPU, or a smaller model")
+    return out
+
+
+def check_memory(model, *, tokens: int, kl: bool, packing: str, gradient_checkpointing: bool,
+                 force: bool = False, device=None, log=None) -> MemoryEstimate:
+    """Estimate, report (``log.info``), and raise `MemoryRefused` with suggestions when the
+    step cannot fit (unless ``force``)."""
+    est = estimate_memory(model, tokens=tokens, kl=kl, packing=packing, gradient_checkpointing=gradient_checkpointing,
+                          device=device)
+    if log is not None:
+        log.info("%s", est.summary())
+    if not est.fits and not force:
+        tips = suggest(model, est, kl=kl, packing=packing, gradient_checkpointing=gradient_checkpointing)
+        raise MemoryRefused(
+            f"this run will not fit: {est.summary()}. Try " + "; or ".join(tips)
+            + ". --ignore-memory-check runs anyway.")
+    return est
