@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from train.losses import full_reference_kl  # noqa: E402
+from train.memory import SavedBytes  # noqa: E402
 from train.packing import token_logprobs  # noqa: E402
 
 
@@ -45,31 +46,6 @@ def tiny_model(vocab: int, hidden: int, device: str):
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
     return model.train()
-
-
-class SavedBytes:
-    """Sum of the bytes autograd saves for backward, once per storage, without parameters."""
-
-    def __init__(self, model):
-        # a storage's identity: views and detached aliases share it, on the meta device too
-        self.params = {p.untyped_storage()._cdata for p in model.parameters()}
-        self.seen: set = set()
-        self.total = 0
-
-    def pack(self, t: torch.Tensor):
-        st = t.untyped_storage()
-        if st._cdata not in self.params and st._cdata not in self.seen:
-            self.seen.add(st._cdata)
-            self.total += st.nbytes()
-        return t
-
-    def __enter__(self):
-        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc)
 
 
 def loss_bytes(model, seq: list[int], fused: bool) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.ui.test_tmux_e2e import Tmux, _q, steer_tui_command
+from tests.ui.test_tmux_e2e import Tmux, _q, steer_tui_command, tmux_env
 
 pytestmark = pytest.mark.skipif(subprocess.run(["which", "tmux"], capture_output=True).returncode != 0,
                                 reason="tmux is not installed")
@@ -51,13 +51,7 @@ def _ppid(pid: int) -> int:
 def test_native_crash_mid_stream_leaves_terminal_sane_and_task_saved(tmp_path, model_path, sig):
     store = str(tmp_path / "store")
     tmux = Tmux(tmp_path)
-    env = {
-        "STEER_CONFIG": str(tmp_path / "no-config.toml"),
-        "STEER_CACHE": os.environ["STEER_CACHE"],
-        "TERM": "xterm-256color",
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": os.environ.get("HOME", str(tmp_path)),
-    }
+    env = tmux_env(tmp_path)
     # a raw counting prompt streams for as long as we like at temperature 0
     cmd = (
         f"{steer_tui_command()} session --store {_q(store)} --model {_q(str(model_path))} --raw "

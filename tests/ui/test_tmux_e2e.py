@@ -65,15 +65,21 @@ def steer_tui_command() -> str:
     return f"{_q(sys.executable)} -m steer_tui.cli"
 
 
-def test_tmux_steering_session(tmp_path, model_path):
-    store = tmp_path / "store"
-    tmux = Tmux(tmp_path)
-    env = {
+def tmux_env(tmp_path: Path) -> dict[str, str]:
+    """A clean environment for the app in tmux: no user config, the test run's cache."""
+    return {
         "STEER_CONFIG": str(tmp_path / "no-config.toml"),
+        "STEER_CACHE": os.environ.get("STEER_CACHE", str(tmp_path / "cache")),
         "TERM": "xterm-256color",
         "PATH": os.environ.get("PATH", ""),
         "HOME": os.environ.get("HOME", str(tmp_path)),
     }
+
+
+def test_tmux_steering_session(tmp_path, model_path):
+    store = tmp_path / "store"
+    tmux = Tmux(tmp_path)
+    env = tmux_env(tmp_path)
     cmd = (
         f"{steer_tui_command()} session --store {_q(str(store))} --model {_q(str(model_path))} "
         f"--prompt 'Give four examples of fruit.' --n-ctx 512 --temperature 0 --seed 1 --max-tokens 20"
