@@ -23,6 +23,8 @@ model's held-out run::
     python bench/loop.py --train-args "--lr 1e-4 --kl-weight 10" --name lr1e-4_kl10
     python bench/loop.py --trials                      # table of every trial run so far
     python bench/loop.py --quick                       # tiny end-to-end run (CI), ~1-2 min
+    python bench/loop.py --curve 30,60,120,240         # data-efficiency curve (loop_rounds.py)
+    python bench/loop.py --rounds 2                    # keep steering the improved model
 
 Time: with the defaults (241 captured steers, 80 held-out answers per model), from an empty
 cache on a quiet 2-core CPU with ``--threads 2``, the whole run took 977 s: capture 304 s,
@@ -495,7 +497,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trials", action="store_true", help="print the table of the trials run so far and exit")
     p.add_argument("--only", choices=["capture", "heldout"], help="only fill that cache (to prepare stages in parallel)")
     p.add_argument("--strict", action="store_true", help="exit 1 unless the run passes")
+    p.add_argument("--rounds", type=int, default=1, metavar="N",
+                   help="N rounds: round k captures with base + adapter k-1, adapter k trains on all steers (loop_rounds.py)")
+    p.add_argument("--curve", default=None, metavar="N,N,...",
+                   help="data-efficiency curve: adapters on nested subsets of the capture, e.g. 30,60,120,240")
     ns = p.parse_args(argv)
+    if ns.rounds < 1:
+        p.error("--rounds must be at least 1")
+    if ns.curve is not None:
+        try:
+            ns.curve = [int(x) for x in ns.curve.split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--curve takes comma separated steer counts, got {ns.curve!r}")
+        if not ns.curve or min(ns.curve) < 1:
+            p.error("--curve needs positive steer counts")
     if ns.quick:
         ns.train_prompts = DATA / "quick_train_prompts.jsonl"
         ns.heldout_prompts = DATA / "quick_heldout_prompts.jsonl"
@@ -531,6 +546,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if ns.only == "heldout":
         heldout_base(st, cache, model_sha)
+        return 0
+    if ns.curve or ns.rounds > 1:
+        import loop_rounds
+
+        this = sys.modules[__name__]
+        if ns.curve:
+            loop_rounds.run_curve(this, ns, st, cache, model_sha, ns.curve)
+        if ns.rounds > 1:
+            loop_rounds.run_rounds(this, ns, st, cache, model_sha, ns.rounds)
         return 0
     data, cap = capture(st, cache, model_sha)
     if ns.only == "capture":

@@ -109,7 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="GGUF", help="vocabulary for rejected-span text (default: the model recorded in the trees)")
     p.add_argument("--rejected-tokens", type=_positive_int("--rejected-tokens"), default=None, help="K: rejected span length (default: the chosen length)")
 
-    p = sub.add_parser("auto", help="headless rule-driven steering (writes ordinary steer trees)")
+    p = sub.add_parser(
+        "auto",
+        help="headless rule-driven steering (writes ordinary steer trees)",
+        description="Steer headlessly with rules checked while tokens stream. Each [[rule]] in RULES.toml has "
+        "name, pattern (a Python regex) and action: replace (type 'replace' instead), pick (the best top-k "
+        "alternative that avoids the match), stop (end the answer there) or rewrite (roll back to the start of "
+        "the 'scope', sentence or clause, and let the model write up to 'max_tokens' tokens, default 20, with "
+        "the matched words' tokens banned). docs/auto.md has the details.",
+    )
     _add_model(p)
     _add_store(p)
     p.add_argument("--rules", required=True, metavar="RULES.toml")

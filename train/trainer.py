@@ -740,6 +740,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             try:
                 export_lora_gguf(unwrapped, out / "adapter.gguf", arch=meta.get("architecture"))
                 metrics["adapter_gguf"] = str(out / "adapter.gguf")
+                if source.kind == "gguf":  # Ollama: FROM the base GGUF, ADAPTER ours
+                    from train.modelfile import write_modelfile
+
+                    metrics["modelfile"] = str(write_modelfile(out, source.path, out / "adapter.gguf"))
             except Exception as exc:  # the PEFT adapter is still useful
                 log.error("adapter.gguf export failed: %s", exc)
                 metrics["adapter_gguf_error"] = str(exc)

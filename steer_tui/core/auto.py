@@ -9,9 +9,11 @@ A rule (TOML, one ``[[rule]]`` table each)::
     [[rule]]
     name = "plain-words"
     pattern = '\\bvibrant\\b'     # Python regex over the response text
-    action = "replace"            # replace | pick | stop
+    action = "replace"            # replace | pick | stop | rewrite
     replace = "lively"            # replace: the correction text
     ignore_case = false           # optional
+    scope = "sentence"            # rewrite: roll back to the start of the "sentence" or "clause"
+    max_tokens = 20               # rewrite: length of the model-written correction
 
 Actions, at the token where the match starts:
 - ``replace``: roll back to that token and type the text of that token before the match
@@ -20,6 +22,13 @@ Actions, at the token where the match starts:
   not start the match again (a ``pick`` steer).
 - ``stop``: roll back to that token and pick end-of-sequence there (a ``pick`` steer whose
   chosen token is EOS); the sample ends.
+- ``rewrite``: roll back to the start of the offending ``scope`` (the sentence or clause
+  holding the match, never before the last steer), let the model write up to
+  ``max_tokens`` tokens there with the matched words' tokens banned (every token whose text
+  is a piece of at least three characters of the word, in any case), and record that text
+  as a ``correction`` steer (annotator ``auto:<rule name>``; the cut text is the rejected
+  side); generation continues after it. A 10-20 token rewrite is the kind of steer people
+  make; an on-policy one (written by the model itself) is the kind Step-DPO found best.
 
 Matching while streaming: a match counts once at least one character follows it (so
 ``\\bvibrant\\b`` does not fire on the "vibrant" of "vibrantly") or the generation ended.
@@ -43,8 +52,10 @@ from typing import Any, Callable
 
 from steer_tui.core.tasks import TaskSpec, load_task_queue
 
-ACTIONS = ("replace", "pick", "stop")
-_RULE_KEYS = {"name", "pattern", "action", "replace", "ignore_case", "description"}
+ACTIONS = ("replace", "pick", "stop", "rewrite")
+SCOPES = ("sentence", "clause")
+REWRITE_MAX_TOKENS = 20
+_RULE_KEYS = {"name", "pattern", "action", "replace", "ignore_case", "description", "scope", "max_tokens"}
 
 
 class RuleError(ValueError):
@@ -57,6 +68,10 @@ class Rule:
     pattern: re.Pattern[str]
     action: str
     replace: str | None = None
+    scope: str = "sentence"
+    """rewrite: roll back to the start of this ("sentence" or "clause")."""
+    max_tokens: int = REWRITE_MAX_TOKENS
+    """rewrite: at most this many model-written tokens in the correction."""
 
     @property
     def annotator(self) -> str:
@@ -107,7 +122,14 @@ def parse_rules(data: Any, source: str = "<rules>") -> list[Rule]:
                 raise RuleError(f"{where}: action 'replace' needs a non-empty 'replace' text")
         elif replace is not None:
             raise RuleError(f"{where}: 'replace' is only for action 'replace'")
-        rules.append(Rule(name=name, pattern=compiled, action=action, replace=replace))
+        scope, max_tokens = r.get("scope", "sentence"), r.get("max_tokens", REWRITE_MAX_TOKENS)
+        if action != "rewrite" and ("scope" in r or "max_tokens" in r):
+            raise RuleError(f"{where}: 'scope' and 'max_tokens' are only for action 'rewrite'")
+        if scope not in SCOPES:
+            raise RuleError(f"{where}: 'scope' is {scope!r}, expected one of {', '.join(SCOPES)}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 256:
+            raise RuleError(f"{where}: 'max_tokens' must be an integer from 1 to 256, got {max_tokens!r}")
+        rules.append(Rule(name=name, pattern=compiled, action=action, replace=replace, scope=scope, max_tokens=max_tokens))
     return rules
 
 
@@ -186,6 +208,76 @@ def alternative_ok(rule: Rule, before: str, piece: str, hit: Hit, token_start: i
     return not any(m.start() >= min(hit.start, token_start) for m in rule.pattern.finditer(candidate, token_start))
 
 
+_BOUNDARY = {
+    "sentence": re.compile(r"[.!?]+[\"')\]]*\s+|\n+"),
+    "clause": re.compile(r"[.!?,;:]+[\"')\]]*\s+|\n+|\s+[-\u2013\u2014]+\s+"),
+}
+_WORD = re.compile(r"\w+")
+BAN_MIN_CHARS = 3
+
+
+def scope_start(text: str, pos: int, protected: int, scope: str) -> int:
+    """Character offset where the sentence (or clause) holding ``pos`` starts: just after
+    the last boundary (end punctuation and the spaces after it, or a line break) that ends
+    at or before ``pos``, and never before ``protected`` (text up to the last steer)."""
+    start = protected
+    for m in _BOUNDARY[scope].finditer(text, protected, pos):
+        start = m.end()
+    return start
+
+
+def banned_tokens(token_texts: list[str], matched: str, min_chars: int = BAN_MIN_CHARS) -> set[int]:
+    """Token ids that would start one of the matched words again, in any tokenisation and
+    case: every token whose text, stripped of surrounding spaces and punctuation and case
+    folded, is a piece of at least ``min_chars`` characters (or the whole word) that begins
+    the word, or begins with the word (for words of ``min_chars`` or more: "vibrantly")."""
+    words = {w.casefold() for w in _WORD.findall(matched)}
+    banned: set[int] = set()
+    if not words:
+        return banned
+    for tid, piece in enumerate(token_texts):
+        core = piece.strip().strip(".,;:!?\"'()[]").casefold()
+        if not core:
+            continue
+        for w in words:
+            if (w.startswith(core) and len(core) >= min(min_chars, len(w))) or (len(w) >= min_chars and core.startswith(w)):
+                banned.add(tid)
+                break
+    return banned
+
+
+def write_rewrite(
+    engine: Any,
+    context: list[int],
+    sampling: Any,
+    banned: set[int],
+    max_tokens: int,
+    rng: Any,
+) -> list[int]:
+    """Let the model write up to ``max_tokens`` tokens after ``context`` with ``banned`` ids
+    masked out (their logits set to -inf before sampling); stops before an EOS token."""
+    import numpy as np
+
+    from steer_tui.core.engine import sample_token
+
+    ban = np.fromiter(sorted(banned), dtype=np.int64, count=len(banned))
+    ctx = list(context)
+    out: list[int] = []
+    while len(out) < max_tokens and len(ctx) < engine.n_ctx:
+        row = np.array(engine.logits(ctx), dtype=np.float32)
+        row[ban] = -np.inf
+        tok = sample_token(row, sampling, rng, ctx)
+        if engine.is_eos(tok):
+            break
+        out.append(tok)
+        ctx.append(tok)
+    return out
+
+
+def _token_texts(engine: Any) -> list[str]:
+    return [b.decode("utf-8", errors="ignore") for b in engine.all_token_bytes()]
+
+
 # ---------------------------------------------------------------------------------------
 # steering one sample
 
@@ -219,6 +311,7 @@ def steer_sample(
     protected = len("".join(pieces))
     attempts: dict[tuple[str, int], int] = {}
     eos = int(session.engine.eos_ids[0]) if session.engine.eos_ids else None
+    token_texts: list[str] | None = None  # the vocabulary as text, for rewrite bans
 
     while report.model_tokens < max_tokens:
         stop = threading.Event()
@@ -255,12 +348,24 @@ def steer_sample(
             report.messages.append(msg)
             report.end = "gave-up"
             break
+        rewrite: str | None = None
+        if hit.rule.action == "rewrite":
+            if token_texts is None:
+                token_texts = _token_texts(session.engine)
+            i, rewrite, why = _rewrite(session, hit, text, pieces, starts, protected, token_texts,
+                                       attempt=report.steers, tries=max_attempts)
+            if rewrite is None:
+                report.messages.append(f"rule {hit.rule.name!r}: {why}; giving up on this sample")
+                report.end = "gave-up"
+                break
         before = "".join(pieces[:i])
         token_prefix = text[starts[i] : hit.start]
         session.rollback(i)
         pieces = pieces[:i]
         session.annotator = hit.rule.annotator
-        if hit.rule.action == "replace":
+        if rewrite is not None:
+            node = session.correct(rewrite)
+        elif hit.rule.action == "replace":
             node = session.correct(token_prefix + (hit.rule.replace or ""))
         else:
             chosen = None
@@ -298,6 +403,58 @@ def steer_sample(
     report.response_tokens = len(pieces)
     report.text = "".join(pieces)
     return report
+
+
+def _rewrite(
+    session: Any,
+    hit: Hit,
+    text: str,
+    pieces: list[str],
+    starts: list[int],
+    protected: int,
+    token_texts: list[str],
+    *,
+    attempt: int,
+    tries: int,
+) -> tuple[int, str | None, str]:
+    """The rollback token and the model-written correction for a ``rewrite`` hit (or None
+    and why). Written before anything is rolled back, so giving up changes nothing.
+
+    The rewrite starts at the token holding the scope's first character; text of that token
+    before the scope (only ever spaces in practice) is left to the model, which writes its
+    own spacing. A rewrite the rule still matches is written again with the token that
+    started the match banned too, ``tries`` times."""
+    import numpy as np
+
+    rule = hit.rule
+    start = scope_start(text, hit.start, protected, rule.scope)
+    i = token_at(starts, start)
+    prefix = text[starts[i] : start]
+    engine = session.engine
+    context = list(session.context_tokens)[: len(session.context_tokens) - (len(pieces) - i)]
+    head: list[int] = []
+    if prefix.strip():  # the scope starts inside a token: keep that token's text before it
+        head = engine.tokenize(prefix, add_bos=False, special=False)
+    banned = banned_tokens(token_texts, hit.text)
+    seed = session.sampling.seed if session.sampling.seed is not None else 0
+    rng = np.random.default_rng([seed, attempt])
+    for _ in range(tries):
+        out = write_rewrite(engine, context + head, session.sampling, banned, rule.max_tokens, rng)
+        written = engine.detokenize(out).rstrip("\ufffd")
+        rewrite = (prefix if head else "") + written
+        if not rewrite.strip():
+            return i, None, f"the model wrote nothing in place of {hit.text!r} at token {i}"
+        again = rule.pattern.search(rewrite)
+        if again is None:
+            return i, rewrite, ""
+        # ban the token that started the match inside the rewrite, and write again
+        offset = len(prefix) if head else 0
+        for tok in out:
+            offset += len(token_texts[tok])
+            if offset > again.start():
+                banned.add(tok)
+                break
+    return i, None, f"every rewrite of {hit.text!r} at token {i} still matched after {tries} tries"
 
 
 def view_top(session: Any) -> list[tuple[int, float]] | None:

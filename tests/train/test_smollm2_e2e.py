@@ -100,8 +100,12 @@ def test_outputs_written(trained):
     assert m["data"]["train_steers"] == 4 and m["data"]["eval_steers"] == 2
     assert m["eval"]["before"]["steers"] == 2
     assert m["eval"]["after"]["reward_margin"] > m["eval"]["before"]["reward_margin"]
-    for f in ("adapter.gguf", "adapter_model.safetensors", "training.png"):
+    for f in ("adapter.gguf", "adapter_model.safetensors", "training.png", "Modelfile"):
         assert (trained / f).stat().st_size > 0
+    from train.modelfile import parse_modelfile
+
+    mf = parse_modelfile((trained / "Modelfile").read_text())
+    assert mf["ADAPTER"] == [str((trained / "adapter.gguf").resolve())] and m["modelfile"] == str(trained / "Modelfile")
 
 
 @pytest.fixture(scope="module")

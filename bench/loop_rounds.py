@@ -1,0 +1,205 @@
+"""Rounds and the data-efficiency curve of the steer loop (``bench/loop.py --rounds N``,
+``--curve 30,60,120,240``).
+
+* **curve**: from the one cached capture, adapters trained on nested subsets of its steers
+  (whole task files in capture order until at least N steers), each measured on the
+  held-out prompts like the main run: the drop in steers per 1,000 tokens with its standard
+  error, and every guard. One adapter per point, trained from the base model.
+* **rounds**: round 1 is the main run's capture; round k captures new samples (other seeds)
+  with base + adapter(k-1) steering, as a user keeps steering the improved model, and
+  adapter k is trained *from the base model* on all steers so far. Each round is measured
+  on the held-out prompts: the cumulative drop against the base model and the guards.
+
+Writes ``curve.json``/``curve.png`` and ``rounds.json``/``rounds.png`` next to ``loop.json``.
+The per-sample steer rate's standard error gives the ``+-`` of each drop (the base and the
+tuned rates are independent samples: their errors add in quadrature, relative).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+
+def rate_se(records: list[dict]) -> float:
+    """Standard error of the steer rate (per 1k tokens) over samples (a ratio estimator:
+    the per-sample rates' spread, weighted by tokens)."""
+    toks = [r["model_tokens"] for r in records if r["model_tokens"]]
+    if len(toks) < 2:
+        return 0.0
+    total_s = sum(r["steers"] for r in records)
+    total_t = sum(toks)
+    rate = total_s / total_t
+    resid = [r["steers"] - rate * r["model_tokens"] for r in records if r["model_tokens"]]
+    n = len(resid)
+    var = sum(x * x for x in resid) / (n - 1)
+    return 1000.0 * math.sqrt(var * n) / total_t
+
+
+def drop_se(base: dict, tuned: dict) -> float:
+    """Standard error of 1 - tuned/base from the two rates' standard errors."""
+    b, t = base["steers_per_1k_tokens"], tuned["steers_per_1k_tokens"]
+    if not b or not t:
+        return 0.0
+    rel = math.hypot(rate_se(base["records"]) / b, rate_se(tuned["records"]) / t)
+    return (t / b) * rel
+
+
+def subset(tasks_dir: Path, records: list[dict], n_steers: int, dst: Path) -> int:
+    """Copy the capture's task files, in capture order, into ``dst`` until they hold at least
+    ``n_steers`` steers (nested: a larger N starts with the same files). Returns the steers."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    got = 0
+    for r in records:
+        if got >= n_steers:
+            break
+        src = tasks_dir / f"{r['task']}.json"
+        if r["steers"] and src.is_file():
+            shutil.copy2(src, dst / src.name)
+            got += r["steers"]
+    return got
+
+
+def point(loop: ModuleType, st: Any, base: dict, data: Path, tdir: Path, train_args: list[str], target: float) -> dict:
+    metrics = loop.train(data, tdir, train_args)
+    gguf = tdir / "adapter.gguf"
+    if not gguf.is_file():
+        raise SystemExit(f"bench/loop.py: steer-train wrote no {gguf} ({metrics.get('adapter_gguf_error')})")
+    tuned = loop.heldout_tuned(st, gguf)
+    res = loop.compare(base, tuned, None, target)
+    res["steer_rate"]["drop_se"] = drop_se(base, tuned)
+    res["train_steers"] = metrics["data"]["train_steers"]
+    res["train_seconds"] = metrics["train"]["seconds"]
+    return res
+
+
+def row(label: str, res: dict) -> str:
+    sr, g = res["steer_rate"], res["guards"]
+    cells = [f"{label:>10}", f"{res.get('train_steers', 0):>6}", f"{sr['tuned']:7.2f}",
+             f"{-sr['drop']:+6.0%} +-{sr['drop_se']:4.0%}"]
+    for k in ("mean_tokens", "rep4", "base_nll", "neutral_ppl"):
+        r = g[k]["ratio"]
+        cells.append(f"{r:6.2f}{'' if g[k]['ok'] else '!'}" if r is not None else "     -")
+    return "  ".join(cells)
+
+
+HEADER = (f"{'':>10}  {'steers':>6}  {'/1k tok':>7}  {'change':>12}  {'length':>6}  {'rep-4':>6}  "
+          f"{'NLL':>6}  {'ppl':>6}   (guards: tuned/base, ! = outside its bound)")
+
+
+def run_curve(loop: ModuleType, ns: Any, st: Any, cache: Path, model_sha: str, points: list[int]) -> dict:
+    data, cap = loop.capture(st, cache, model_sha)
+    _, base = loop.heldout_base(st, cache, model_sha)
+    train_args = loop.shlex.split(ns.train_args)
+    rows = []
+    for n in sorted(points):
+        sub = ns.out / "curve" / f"data-{n}"
+        got = subset(data, cap["records"], n, sub)
+        loop.log(f"curve: {n} steers asked, {got} in the subset")
+        res = point(loop, st, base, sub, ns.out / "curve" / f"adapter-{n}", train_args, ns.target_drop)
+        res["asked"] = n
+        rows.append(res)
+    report = {"base": {k: v for k, v in base.items() if k != "records"}, "points": rows,
+              "train_args": train_args, "capture_steers": cap["steers"]}
+    (ns.out / "curve.json").write_text(json.dumps(report, indent=1))
+    print(f"data-efficiency curve: base {base['steers_per_1k_tokens']:.2f} steers/1k held-out tokens "
+          f"(+- {rate_se(base['records']):.2f})")
+    print(HEADER)
+    for r in rows:
+        print(row(f"{r['asked']}", r))
+    plot(ns.out / "curve.png", [r["train_steers"] for r in rows], rows, "training steers",
+         f"held-out drop vs training steers (one capture, nested subsets; {' '.join(train_args) or 'defaults'})")
+    return report
+
+
+def run_rounds(loop: ModuleType, ns: Any, st: Any, cache: Path, model_sha: str, n_rounds: int) -> dict:
+    data, cap = loop.capture(st, cache, model_sha)
+    _, base = loop.heldout_base(st, cache, model_sha)
+    train_args = loop.shlex.split(ns.train_args)
+    all_steers = ns.out / "rounds" / "steers"
+    subset(data, cap["records"], 10**9, all_steers)  # round 1: the whole capture
+    rows, captured = [], [cap["steers"]]
+    adapter: Path | None = None
+    for k in range(1, n_rounds + 1):
+        if k > 1:
+            t0 = time.time()
+            got = capture_with_adapter(loop, st, adapter, k, all_steers)
+            captured.append(got)
+            loop.log(f"round {k}: captured {got} steers with adapter {k - 1} in {time.time() - t0:.0f}s")
+        res = point(loop, st, base, all_steers, ns.out / "rounds" / f"adapter-{k}", train_args, ns.target_drop)
+        res["round"], res["captured"] = k, captured[-1]
+        rows.append(res)
+        adapter = ns.out / "rounds" / f"adapter-{k}" / "adapter.gguf"
+    report = {"base": {k: v for k, v in base.items() if k != "records"}, "rounds": rows, "train_args": train_args,
+              "from": "base (adapter k is trained from the base model on all steers of rounds 1..k)"}
+    (ns.out / "rounds.json").write_text(json.dumps(report, indent=1))
+    print(f"rounds: base {base['steers_per_1k_tokens']:.2f} steers/1k held-out tokens; drop is cumulative vs base")
+    print(HEADER)
+    for r in rows:
+        print(row(f"round {r['round']}", r))
+    plot(ns.out / "rounds.png", [r["round"] for r in rows], rows, "round",
+         "held-out steer rate per round (adapter k: base + all steers of rounds 1..k)", base=base)
+    return report
+
+
+def capture_with_adapter(loop: ModuleType, st: Any, adapter: Path, k: int, dst: Path) -> int:
+    """Round k's capture: the training prompts again with other seeds, steered by the rules
+    on base + the previous adapter; its task files join ``dst``."""
+    import dataclasses
+    import tempfile
+
+    tasks = loop.load_tasks(st.train_prompts)
+    engine = loop.open_engine(None, n_ctx=st.n_ctx, n_threads=st.threads, adapter=adapter)
+    st_k = dataclasses.replace(st, seed=st.seed + 7919 * k)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"steer-round{k}-") as tmp:
+            res = loop.steer_run(engine, tasks, st_k, loop.Store(tmp), st.samples, max_steers=st.max_steers)
+            for f in (Path(tmp) / "tasks").glob("*.json"):
+                shutil.copy2(f, dst / f"r{k}-{f.name}")
+    finally:
+        engine.close()
+    return res["steers"]
+
+
+def plot(path: Path, xs: list, rows: list[dict], xlabel: str, title: str, base: dict | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+    rates = [r["steer_rate"]["tuned"] for r in rows]
+    drops = [100 * r["steer_rate"]["drop"] for r in rows]
+    errs = [100 * r["steer_rate"]["drop_se"] for r in rows]
+    if base is not None:  # rounds: the steer rate itself, base at round 0
+        a1.plot([0, *xs], [base["steers_per_1k_tokens"], *rates], "o-")
+        a1.set_ylabel("held-out steers per 1,000 tokens")
+        a1.set_xticks([0, *xs])
+    else:
+        a1.errorbar(xs, drops, yerr=errs, fmt="o-", capsize=3)
+        a1.set_ylabel("held-out drop in steers / 1k tokens (%)")
+    a1.set_xlabel(xlabel)
+    a1.grid(alpha=0.3)
+    for key, label in (("mean_tokens", "length"), ("rep4", "repeated 4-grams"), ("base_nll", "base NLL"),
+                       ("neutral_ppl", "neutral ppl")):
+        a2.plot(xs, [r["guards"][key]["ratio"] or 1.0 for r in rows], "o-", label=label)
+    a2.axhline(1.0, color="k", lw=0.8)
+    for v in (0.9, 1.1):
+        a2.axhline(v, color="gray", ls="--", lw=0.8)
+    a2.set_xticks(xs)
+    a2.set_xlabel(xlabel)
+    a2.set_ylabel("tuned / base")
+    a2.set_title("guards (dashed: +-10%)")
+    a2.legend(fontsize=8)
+    a2.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

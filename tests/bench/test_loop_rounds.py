@@ -1,0 +1,56 @@
+"""bench/loop_rounds.py: the steer rate's standard error, the drop's, and nested subsets."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import loop_rounds  # noqa: E402
+
+
+def recs(pairs):
+    return [{"task": f"t{i}", "steers": s, "model_tokens": t} for i, (s, t) in enumerate(pairs)]
+
+
+def test_rate_se_of_a_ratio_estimator():
+    # equal rates everywhere: no spread, no error
+    assert loop_rounds.rate_se(recs([(2, 100), (4, 200), (1, 50)])) == pytest.approx(0.0)
+    # by hand: rate R = 4/300; residuals s - R t = 3-4/3, 1-4/3, 0-4/3; var = sum r^2 / (n-1)
+    r = recs([(3, 100), (1, 100), (0, 100)])
+    R = 4 / 300
+    res = [3 - 100 * R, 1 - 100 * R, 0 - 100 * R]
+    var = sum(x * x for x in res) / 2
+    assert loop_rounds.rate_se(r) == pytest.approx(1000 * math.sqrt(var * 3) / 300)
+    assert loop_rounds.rate_se(recs([(3, 100)])) == 0.0  # one sample: no estimate
+
+
+def test_drop_se_adds_relative_errors_in_quadrature():
+    base = {"steers_per_1k_tokens": 10.0, "records": recs([(3, 100), (1, 100), (2, 100)])}
+    tuned = {"steers_per_1k_tokens": 5.0, "records": recs([(1, 100), (0, 100), (2, 200)])}
+    b_se, t_se = loop_rounds.rate_se(base["records"]), loop_rounds.rate_se(tuned["records"])
+    want = 0.5 * math.hypot(b_se / 10.0, t_se / 5.0)
+    assert loop_rounds.drop_se(base, tuned) == pytest.approx(want)
+    assert loop_rounds.drop_se({**base, "steers_per_1k_tokens": 0.0}, tuned) == 0.0
+
+
+def test_subsets_are_nested_and_in_capture_order(tmp_path):
+    src = tmp_path / "tasks"
+    src.mkdir()
+    records = recs([(3, 50), (0, 50), (5, 50), (2, 50)])
+    for r in records:
+        (src / f"{r['task']}.json").write_text(json.dumps({"id": r["task"]}))
+    got = {}
+    for n in (1, 4, 9, 100):
+        d = tmp_path / f"sub{n}"
+        got[n] = (loop_rounds.subset(src, records, n, d), sorted(p.name for p in d.iterdir()))
+    assert got[1] == (3, ["t0.json"])  # whole task files: at least n steers
+    assert got[4] == (8, ["t0.json", "t2.json"])  # a task without steers adds nothing
+    assert got[9] == (10, ["t0.json", "t2.json", "t3.json"])
+    assert got[100] == got[9]  # all there is
+    for a, b in ((1, 4), (4, 9)):
+        assert set(got[a][1]) <= set(got[b][1])
