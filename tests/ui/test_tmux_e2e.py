@@ -58,6 +58,20 @@ def _q(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tmux_env(tmp_path: Path) -> dict[str, str]:
+    """A clean environment for the app in tmux; PYTHONPATH makes it run this checkout."""
+    return {
+        "STEER_CONFIG": str(tmp_path / "no-config.toml"),
+        "TERM": "xterm-256color",
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": os.environ.get("HOME", str(tmp_path)),
+        "PYTHONPATH": str(REPO),
+    }
+
+
 def steer_tui_command() -> str:
     exe = Path(sys.executable).parent / "steer-tui"
     if exe.exists():
@@ -68,12 +82,7 @@ def steer_tui_command() -> str:
 def test_tmux_steering_session(tmp_path, model_path):
     store = tmp_path / "store"
     tmux = Tmux(tmp_path)
-    env = {
-        "STEER_CONFIG": str(tmp_path / "no-config.toml"),
-        "TERM": "xterm-256color",
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": os.environ.get("HOME", str(tmp_path)),
-    }
+    env = tmux_env(tmp_path)
     cmd = (
         f"{steer_tui_command()} session --store {_q(str(store))} --model {_q(str(model_path))} "
         f"--prompt 'Give four examples of fruit.' --n-ctx 512 --temperature 0 --seed 1 --max-tokens 20"
@@ -112,3 +121,37 @@ def test_tmux_steering_session(tmp_path, model_path):
         cur = by[cur]["parent"]
     assert len(prefix) == 3
     assert data["accepted"] and data["sampling"]["temperature"] == 0 and data["sampling"]["seed"] == 1
+
+
+def test_tmux_read_only_session(tmp_path, model_path):
+    """``steer-tui session --task ID --read-only``: the task is shown, every change is refused
+    with a notice, nothing is written, and the task is not left locked."""
+    from steer_tui.core.engine import open_engine
+    from steer_tui.core.session import Session
+
+    store = tmp_path / "store"
+    engine = open_engine(model_path, n_ctx=512)
+    try:
+        with Session.create(store=store, prompt="Give four examples of fruit.", model=engine, sampling={"temperature": 0, "seed": 1}) as s:
+            list(s.generate(max_tokens=6))
+            tid, text = s.task_id, s.response_text
+        path = s.store.task_path(tid)
+        before = path.read_bytes()
+        tmux = Tmux(tmp_path)
+        tmux.start(f"{steer_tui_command()} session --store {_q(str(store))} --task {_q(tid)} --read-only --n-ctx 512", tmux_env(tmp_path))
+        try:
+            screen = tmux.wait_for("read-only", timeout=120)
+            assert text.splitlines()[0].strip() in screen, screen
+            tmux.keys("space")  # continue: refused
+            tmux.wait_for("This task is open read-only.", timeout=30)
+            tmux.keys("d", "u")  # accept, undo: refused too (each with a notice)
+            tmux.wait_for("is open read-only", timeout=30)
+            tmux.keys("C-q")
+            tmux.wait_for("EXITED 0", timeout=60)
+        finally:
+            tmux.kill()
+        assert path.read_bytes() == before
+        with Session.open(store=store, task_id=tid, model=engine) as again:  # not left locked
+            assert again.response_text == text
+    finally:
+        engine.close()
