@@ -12,7 +12,10 @@ plus deterministic pseudo-random noise seeded by the last two tokens. Logits dep
 on the context, never on call order, so cache reuse can be checked against fresh engines.
 
 It shares all cache/sampling/scoring logic with the llama.cpp engine (``BaseEngine``),
-so ``n_evaluated`` means the same thing.
+so ``n_evaluated`` means the same thing. Like llama.cpp it keeps its own "KV cache" (the
+tokens it has evaluated, ``kv_tokens``): ``_decode`` computes logits from it and refuses a
+position that does not follow it, and ``_kv_truncate`` really drops its tail. A rollback
+whose truncation were skipped or wrong therefore fails on the fake as it would on the model.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class FakeEngine(BaseEngine):
         self.noise = float(noise)
         self.scripts = list(scripts)
         self._script_tokens = [self.tokenize(s) for s in self.scripts]
+        self._kv: list[int] = []  # what this "model" has evaluated, position by position
         self._sha = hashlib.sha256(
             json.dumps({"scripts": self.scripts, "boost": boost, "noise": noise, "n_ctx": n_ctx}).encode()
         ).hexdigest()
@@ -140,16 +144,27 @@ class FakeEngine(BaseEngine):
         row[self._predict(context)] += self.boost
         return row
 
+    @property
+    def kv_tokens(self) -> list[int]:
+        """A copy of the fake's own KV cache (BaseEngine's ``cached_tokens`` should equal it)."""
+        return list(self._kv)
+
     def _decode(self, tokens: Sequence[int], n_past: int, all_logits: bool) -> np.ndarray:
-        if n_past != len(self._cached):
-            raise EngineError("fake engine: decode position does not match the cache")
-        ctx = list(self._cached)
+        if n_past != len(self._kv):
+            raise EngineError(
+                f"fake engine: decode at position {n_past}, but its KV cache holds {len(self._kv)} tokens"
+            )
+        ctx = list(self._kv)  # the logits follow what this engine holds, not what it was told
         rows = []
         for t in tokens:
             ctx.append(int(t))
             if all_logits:
                 rows.append(self._row(ctx))
-        return np.stack(rows) if all_logits else self._row(ctx)
+        out = np.stack(rows) if all_logits else self._row(ctx)
+        self._kv = ctx
+        return out
 
     def _kv_truncate(self, n: int) -> None:
-        pass  # no real KV cache; BaseEngine tracks the cached tokens
+        if not 0 <= n <= len(self._kv):
+            raise EngineError(f"fake engine: cannot truncate a KV cache of {len(self._kv)} tokens to {n}")
+        del self._kv[n:]

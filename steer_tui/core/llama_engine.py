@@ -67,7 +67,9 @@ class LlamaEngine(BaseEngine):
         self._n_batch = self.llm.n_batch
         self._vocab = self.llm._model.vocab
         self.n_vocab = int(self.llm.n_vocab())
-        self.n_ctx = int(self.llm.n_ctx())
+        # llama.cpp may round the window up (to 256); Llama's own token buffer keeps the size
+        # asked for, and _decode writes there: the smaller of the two is the window
+        self.n_ctx = min(int(self.llm.n_ctx()), len(self.llm.input_ids))
         self.bos_id = int(self.llm.token_bos())
         self.add_bos = bool(self.llm._model.add_bos_token())
         self.eos_ids = tuple(

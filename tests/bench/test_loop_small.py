@@ -52,7 +52,7 @@ def test_guard_bounds():
     assert not worse_only.ok(0.0, 0.2)
 
 
-def test_quick_loop_end_to_end(tmp_path, monkeypatch):
+def test_quick_loop_end_to_end(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
     pytest.importorskip("peft")
     pytest.importorskip("llama_cpp")
@@ -67,18 +67,32 @@ def test_quick_loop_end_to_end(tmp_path, monkeypatch):
     sr = c["steer_rate"]
     assert sr["base_tokens"] > 0 and sr["tuned_tokens"] > 0
     assert sr["base"] == pytest.approx(1000 * sr["base_steers"] / sr["base_tokens"])
-    assert set(c["guards"]) == {"mean_tokens", "rep4", "base_nll", "neutral_ppl"}
-    for g in c["guards"].values():
-        assert g["base"] > 0 or g["label"].startswith("repeated")
-        assert isinstance(g["ok"], bool)
+    assert sr["tuned"] == pytest.approx(1000 * sr["tuned_steers"] / sr["tuned_tokens"])
+    assert sr["drop"] == pytest.approx(1 - sr["tuned"] / sr["base"] if sr["base"] else 0.0)
+    assert sr["ok"] == (sr["drop"] >= sr["target_drop"])
+    assert set(c["guards"]) == {g.key for g in loop.GUARDS} == {"mean_tokens", "rep4", "base_nll", "neutral_ppl"}
+    for g in loop.GUARDS:  # each verdict is its guard's bounds applied to the two measured values
+        got = c["guards"][g.key]
+        assert got["base"] > 0 or got["label"].startswith("repeated")
+        assert got["ok"] is g.ok(got["base"], got["tuned"]), (g, got)
+    assert c["pass"] is (sr["ok"] and all(c["guards"][g.key]["ok"] for g in loop.GUARDS))
     # the base model scoring its own held-out answers: a real, finite NLL
     assert 0 < c["guards"]["base_nll"]["base"] < 10
     assert 1 < c["guards"]["neutral_ppl"]["base"] < 1000
     assert c["steer_accuracy"]["steers"] >= 1 and 0 <= c["steer_accuracy"]["tuned"] <= 1
-    assert isinstance(c["pass"], bool)
     for k in ("mean_tokens", "rep4"):  # the noisy guards carry their standard errors
         assert c["guards"][k]["base_se"] >= 0 and c["guards"][k]["tuned_se"] >= 0
     answers = [json.loads(line) for line in (out / "trials" / rep["name"] / "tuned_answers.jsonl").read_text().splitlines()]
     assert len(answers) == rep["tuned_heldout"]["samples"] and all("text" in a for a in answers)
-    # a second run reuses the cached capture and base measurements
-    assert (out / "cache").is_dir() and len(list((out / "cache").glob("capture-*/summary.json"))) == 1
+    # a second run reuses the cached capture and base measurements: nothing is generated again
+    # (--only stops after that stage; a miss would steer the prompts again and rewrite the summary)
+    summaries = sorted(out.glob("cache/*/summary.json"))
+    assert [p.parent.name.split("-")[0] for p in summaries] == ["capture", "heldout"]
+    stamps = [p.stat().st_mtime_ns for p in summaries]
+    capsys.readouterr()
+    assert loop.main(["--quick", "--out", str(out), "--threads", "2", "--only", "capture"]) == 0
+    assert loop.main(["--quick", "--out", str(out), "--threads", "2", "--only", "heldout"]) == 0
+    err = capsys.readouterr().err
+    assert "capture: cached in" in err and "held-out base: cached in" in err, err
+    assert [p.stat().st_mtime_ns for p in summaries] == stamps
+    assert sorted(out.glob("cache/*/summary.json")) == summaries

@@ -145,3 +145,88 @@ def test_queue_ids_are_checked_and_made_per_annotator(tmp_path):
     assert queue_task_id("fruit", "alice") != queue_task_id("fruit", "bob")
     assert queue_task_id("fruit", "Ünï Côde ../") == "fruit-n-cde"
     assert queue_task_id("fruit", None) == "fruit" and queue_task_id(None, "alice") is None
+
+
+def test_list_on_an_empty_store(tmp_path, capsys):
+    assert main(["list", "--store", str(tmp_path / "fresh")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"no tasks in {tmp_path / 'fresh' / 'tasks'}\n" and captured.err == ""
+
+
+def test_export_from_a_missing_dir_is_one_clear_line(tmp_path, capsys):
+    store_with_steers(tmp_path / "store")
+    out = tmp_path / "dpo.jsonl"
+    missing = tmp_path / "nowhere"
+    args = ["export", "--format", "dpo", "--out", str(out), "--store", str(tmp_path / "store")]
+    assert main([*args, "--from", str(tmp_path / "store"), "--from", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"steer-tui: --from {missing}: no such file or directory\n"
+    assert not out.exists()  # nothing half-written
+
+
+def test_export_rejected_tokens_sets_the_rejected_span(tmp_path, capsys):
+    """--rejected-tokens K: the rejected side is the first K tokens the model wrote after the
+    cut (following the replaced node's split tail), whatever the chosen length (here 2)."""
+    store_with_steers(tmp_path / "store")
+    got = {}
+    for k in (1, 3, 9):
+        out = tmp_path / f"dpo-{k}.jsonl"
+        assert main(["export", "--format", "dpo", "--out", str(out), "--store", str(tmp_path / "store"), "--rejected-tokens", str(k)]) == 0
+        (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+        got[k] = row["rejected_token_ids"]
+        assert row["chosen_token_ids"] == [30, 31]
+    assert got == {1: [12], 3: [12, 13, 14], 9: [12, 13, 14]}  # the replaced text has 3 tokens
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ei:
+        main(["export", "--format", "dpo", "--out", str(tmp_path / "x.jsonl"), "--rejected-tokens", "0"])
+    assert ei.value.code == 2 and "--rejected-tokens must be positive, got 0" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
+    import steer_tui.cli as cli
+
+    def interrupted(ns):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "list", interrupted)
+    assert main(["list", "--store", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_during_auto_steering_exits_130_and_keeps_the_saved_tasks(tmp_path, model_path):
+    """A real SIGINT to ``steer-tui auto`` while it generates with the bundled model."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from steer_tui.core.store import load_tree
+
+    repo = Path(__file__).resolve().parents[2]
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "x"\npattern = "zzz-never"\naction = "stop"\n')
+    tasks = tmp_path / "q.jsonl"
+    tasks.write_text(json.dumps({"prompt": "Write a long story about a lighthouse keeper."}) + "\n")
+    store = tmp_path / "store"
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from steer_tui.cli import main; sys.exit(main())", "auto", "--model", str(model_path),
+         "--rules", str(rules), "--tasks", str(tasks), "--samples", "1000", "--max-tokens", "64", "--n-ctx", "512",
+         "--store", str(store)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(repo),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((store / "tasks").glob("*.json"))) < 2:  # steering is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "slow"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    files = list((store / "tasks").glob("*.json"))
+    assert len(files) >= 2 and all(load_tree(f).id == f.stem for f in files)  # every saved task loads

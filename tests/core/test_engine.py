@@ -43,7 +43,9 @@ def run(engine, context, sampling=GREEDY, **kw):
 def test_metadata(engine, model_path):
     assert engine.n_vocab == 49152
     assert engine.path == str(model_path.resolve())
-    assert len(engine.sha256) == 64 and engine.sha256 == engine.sha256
+    import hashlib
+
+    assert engine.sha256 == hashlib.sha256(model_path.read_bytes()).hexdigest()  # of the file's bytes
     assert len(engine.vocab_sha256) == 64
     im_end = engine.tokenize("<|im_end|>", special=True)
     assert len(im_end) == 1 and im_end[0] in engine.eos_ids
@@ -203,3 +205,115 @@ def test_truncated_gguf_is_a_clear_error(tmp_path, model_path):
 def test_bad_adapter_path(tmp_path, model_path):
     with pytest.raises(EngineError, match="adapter"):
         open_engine(model_path, adapter=tmp_path / "nope.gguf")
+
+
+# ------------------------------------------------------------------ batches and failures
+
+
+def test_decode_over_several_batches_equals_one_batch(engine, model_path):
+    """llama.cpp takes at most n_batch (512) tokens per decode: a 520-token evaluation is two
+    batches. Scoring it (every row kept) and taking the last row only must both give what one
+    1024-token batch gives."""
+    from steer_tui.core.llama_engine import LlamaEngine
+
+    text = " ".join(f"Item {i}: the quick brown fox jumps over the lazy dog." for i in range(60))
+    ctx = engine.tokenize(text)[:520]
+    assert len(ctx) == 520 and engine._n_batch == 512
+    one = LlamaEngine(model_path, n_ctx=1024, n_batch=1024)
+    try:
+        engine.reset()
+        got = engine.score(ctx[:1], ctx[1:])  # rows of both batches, concatenated
+        want = one.score(ctx[:1], ctx[1:])
+        assert len(got) == len(want) == 519
+        np.testing.assert_allclose([s.logprob for s in got], [s.logprob for s in want], atol=1e-4)
+        assert [s.top[0][0] for s in got] == [s.top[0][0] for s in want]
+        engine.reset()
+        np.testing.assert_allclose(engine.logits(ctx), one.logits(ctx), atol=1e-4)  # the last row of batch 2
+        assert engine.cached_tokens == ctx and engine.n_ctx == 1024
+    finally:
+        one.close()
+        engine.reset()
+
+
+def test_a_failed_decode_leaves_the_engine_usable(model_path, fresh):
+    """A decode that fails in its third batch raises EngineError, leaves the cache as it was
+    before the call (llama.cpp's cells for the failed positions are dropped), and the next
+    evaluation of the same context gives the cold engine's logits."""
+    from steer_tui.core.llama_engine import LlamaEngine
+
+    e = LlamaEngine(model_path, n_ctx=256, n_batch=16)
+    try:
+        ctx = e.tokenize("one two three four five six seven eight nine ten " * 6)[:80]
+        e.logits(ctx[:20])
+        real_decode, calls = e._ctx.decode, []
+
+        def flaky(batch):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("llama_decode returned 1 (simulated: no KV slot)")
+            return real_decode(batch)
+
+        e._ctx.decode = flaky
+        with pytest.raises(EngineError, match="llama.cpp failed to evaluate tokens: .*simulated"):
+            e.logits(ctx)  # 60 new tokens: batches of 16, the third fails
+        assert len(calls) == 3 and e.cached_tokens == ctx[:20]
+        e._ctx.decode = real_decode
+        np.testing.assert_allclose(e.logits(ctx), fresh.logits(ctx), atol=1e-4)
+        assert e.cached_tokens == ctx
+        steps, end = run(e, ctx, max_tokens=3)  # and it generates on from there
+        assert [s.id for s in steps] == [s.id for s in run(fresh, ctx, max_tokens=3)[0]]
+    finally:
+        e.close()
+
+
+# ------------------------------------------------------------------ a model without a chat template
+
+
+@pytest.fixture(scope="module")
+def no_template_model(model_path, tmp_path_factory):
+    """The bundled GGUF with its tokenizer.chat_template removed (gguf-py's new-metadata copy)."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.scripts.gguf_new_metadata import copy_with_new_metadata, get_field_data
+
+    out = tmp_path_factory.mktemp("no-template") / "plain.gguf"
+    reader = gguf.GGUFReader(str(model_path), "r")
+    writer = gguf.GGUFWriter(str(out), arch=get_field_data(reader, gguf.Keys.General.ARCHITECTURE), endianess=reader.endianess)
+    alignment = get_field_data(reader, gguf.Keys.General.ALIGNMENT)
+    if alignment is not None:
+        writer.data_alignment = alignment
+    copy_with_new_metadata(reader, writer, {}, [gguf.Keys.Tokenizer.CHAT_TEMPLATE])
+    return out
+
+
+def test_a_model_without_a_chat_template(no_template_model, tmp_path):
+    """Chat prompts need the model's template: without one, a clear error naming the model and
+    what to do (a raw prompt), no task file; a raw prompt works."""
+    from steer_tui import Session
+    from steer_tui.core.store import Store
+
+    e = open_engine(no_template_model, n_ctx=256)
+    try:
+        assert "tokenizer.chat_template" not in e.llm.metadata
+        with pytest.raises(EngineError, match="has no chat template in its metadata; use a raw prompt") as info:
+            e.render_chat(PROMPT_MESSAGES)
+        assert str(no_template_model) in str(info.value)
+        with pytest.raises(EngineError, match="no chat template"):
+            Session.create(store=tmp_path, prompt="Give four examples of fruit.", model=e, sampling={"temperature": 0, "seed": 1})
+        assert Store(tmp_path).list_tasks() == []
+        with Session.create(store=tmp_path, prompt="Fruits: apple, pear,", raw=True, model=e, sampling={"temperature": 0, "seed": 1}) as s:
+            assert s.tree.prompt["mode"] == "raw" and len(list(s.generate(max_tokens=3))) == 3
+    finally:
+        e.close()
+
+
+def test_a_model_without_a_chat_template_via_cli(no_template_model, tmp_path):
+    from tests.reliability.conftest import assert_user_error, run_cli
+
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "x"\npattern = "zzz"\naction = "stop"\n')
+    tasks = tmp_path / "q.jsonl"
+    tasks.write_text('{"prompt": "Give four examples of fruit."}\n')
+    proc = run_cli("auto", "--model", str(no_template_model), "--rules", str(rules), "--tasks", str(tasks),
+                   "--store", str(tmp_path / "s"), "--max-tokens", "2", "--n-ctx", "256")
+    assert_user_error(proc, str(no_template_model), "no chat template", "raw prompt")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -133,6 +133,25 @@ def test_cache_counts_only_new_tokens():
     # ids[6] was generated last, so never evaluated; " the" is one merge token
     assert e.n_evaluated - before == 2
     assert e.cached_tokens == p + ids[:7] + e.tokenize(" the")
+    assert e.kv_tokens == e.cached_tokens  # the fake's own KV cache followed every truncation
+
+
+def test_rollback_truncates_the_fakes_kv_cache():
+    """The fake keeps its own KV cache, as llama.cpp does: a rollback must drop the cut tail
+    from it (``_kv_truncate``), or the next evaluation is refused instead of silently using
+    a context the caller no longer has."""
+    e = FakeEngine()
+    p = e.tokenize("The caf")
+    ids = [s.id for s in e.generate(p, GREEDY, max_tokens=12)]
+    assert e.kv_tokens == p + ids[:-1]
+    e.logits(p + ids[:3])  # a rollback: keep 3 tokens, re-evaluate the last for its logits
+    assert e.kv_tokens == e.cached_tokens == p + ids[:3]
+    e.score(p + ids[:2], e.tokenize("xy"))  # a rollback, then a correction
+    assert e.kv_tokens == e.cached_tokens == p + ids[:2] + e.tokenize("xy")
+    e.reset()
+    assert e.kv_tokens == [] == e.cached_tokens
+    with pytest.raises(EngineError, match="decode at position 4, but its KV cache holds 0 tokens"):
+        e._decode([1], 4, False)  # what a skipped truncation looks like from inside
 
 
 def test_fresh_engine_agrees_after_any_history():
@@ -143,6 +162,7 @@ def test_fresh_engine_agrees_after_any_history():
     r1 = [x.id for x in a.generate(p, s, max_tokens=8)]
     r2 = [x.id for x in b.generate(p, s, max_tokens=8)]
     assert r1 == r2
+    assert a.kv_tokens == a.cached_tokens == p + r1[:-1]
 
 
 # ---------------------------------------------------------------- UTF-8

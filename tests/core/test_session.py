@@ -89,8 +89,9 @@ def test_generate_rollback_correct_makes_a_steer(store_dir, engine):
         s.rollback(5)
         assert s.response_text == "1. Ap" and s.end == first and s.cut is not None
         assert s.tree.node(first).end == "cut" and s.tree.node(s.cut).end == "length"
+        cut = s.cut  # the split tail "ple\n2. ": the model text the correction replaces
         h = s.correct("ricot")
-        assert h.kind == "correction" and h.replaces == s.tree.node(first).id or h.replaces
+        assert h.kind == "correction" and h.replaces == cut and h.parent == first
         (steer,) = s.tree.steers()
         assert steer.chosen == engine.tokenize("ricot")
         assert steer.rejected == engine.tokenize("ple\n2. ")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from steer_tui import Session
 from steer_tui.core.engine import open_engine
-from steer_tui.core.store import load_tree
+from steer_tui.core.session import SessionError
+from steer_tui.core.store import TaskLocked, load_tree
 
 GREEDY = {"temperature": 0, "seed": 1}
 PROMPT = "Give four examples of fruit."
@@ -91,3 +94,85 @@ def test_default_model_and_bad_model_path(store_dir, tmp_path):
         Session.create(store=store_dir, prompt="Hi", model=tmp_path / "nope.gguf")
     assert "nope.gguf" in str(info.value)
     assert not list((store_dir / "tasks").glob("*nope*"))
+
+
+# ------------------------------------------------------------------ the fake's behaviours, on the model
+
+
+def test_session_state_machine_on_the_real_model(engine):
+    """The random edit sequences of test_session.py's state machine, on llama.cpp: the tree
+    stays valid and saved, text stays derived from the ids, after every step."""
+    from hypothesis import HealthCheck, settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    from tests.core.test_session import SessionMachine
+
+    class RealSessionMachine(SessionMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.engine = engine
+
+    run_state_machine_as_test(
+        RealSessionMachine,
+        settings=settings(max_examples=3, stateful_step_count=8, deadline=None, derandomize=True,
+                          suppress_health_check=list(HealthCheck)),
+    )
+
+
+def test_rollback_between_the_bytes_of_one_character_on_the_real_model(store_dir, engine):
+    """SmolLM2 writes an emoji as byte tokens (" \\xf0\\x9f", "\\x8d", "\\x90" for a pear): a rollback
+    that lands between them keeps whole characters only."""
+    with Session.create(store=store_dir, prompt=PROMPT, model=engine, sampling=GREEDY) as s:
+        h = s.correct("Try a pear 🍐 and")
+        pieces = [engine.token_bytes(t) for t in h.tokens]
+        inside = pieces.index(b"\x90")  # the last byte token of the emoji
+        n = len(s.response_tokens)
+        assert n == len(h.tokens) and pieces[inside - 2].endswith(b"\xf0\x9f")
+        s.rollback(inside)  # keep " \xf0\x9f" + "\x8d": half an emoji
+        assert s.response_text == "Try a pear" and "\ufffd" not in s.response_text
+        assert len(s.response_tokens) == inside - 2
+        h2 = s.correct(" 🍎")
+        assert s.response_text == "Try a pear 🍎" and h2.tokens == engine.tokenize(" 🍎")
+        again = load_tree(s.store.task_path(s.task_id))
+        assert "".join(n.text for n in again.path(s.end)) == "Try a pear 🍎"
+
+
+def test_full_context_on_the_real_model(store_dir, model_path):
+    small = open_engine(model_path, n_ctx=64)
+    n_ctx = small.n_ctx
+    assert n_ctx == 64  # the window asked for (llama.cpp allocates 256; Llama's own buffer holds 64)
+    try:
+        # a long prompt (evaluated in one batch) leaves room for about 12 generated tokens
+        prompt = "Once upon a time" + " and then" * ((n_ctx - 16) // len(small.tokenize(" and then")))
+        with Session.create(store=store_dir, prompt=prompt, raw=True, model=small, sampling=GREEDY) as s:
+            assert n_ctx - 20 < len(s.prompt_tokens) < n_ctx - 4
+            list(s.generate(max_tokens=200))
+            assert s.last_end == "context" and len(s.context_tokens) == n_ctx
+            assert list(s.generate(max_tokens=5)) == [] and s.last_end == "context"
+            with pytest.raises(SessionError, match="context window"):
+                s.correct(" and then")
+            s.rollback(2)  # room again: the next generation fills it exactly
+            s.correct(" and")
+            list(s.generate(max_tokens=200))
+            assert s.last_end == "context" and len(s.context_tokens) == n_ctx
+            assert small.cached_tokens == s.context_tokens[:-1]  # the last token was never evaluated
+            assert load_tree(s.store.task_path(s.task_id)).to_dict() == s.tree.to_dict()
+    finally:
+        small.close()
+
+
+def test_locked_task_on_the_real_model(store_dir, engine):
+    with Session.create(store=store_dir, prompt=PROMPT, model=engine, sampling=GREEDY) as s:
+        list(s.generate(max_tokens=4))
+        with pytest.raises(TaskLocked) as ei:
+            Session.open(store=store_dir, task_id=s.task_id, model=engine)
+        assert ei.value.holder["pid"] == os.getpid()
+        with Session.open(store=store_dir, task_id=s.task_id, model=engine, read_only=True) as ro:
+            assert ro.response_tokens == s.response_tokens and ro.response_text == s.response_text
+            for op in (lambda: list(ro.generate(max_tokens=2)), lambda: ro.correct(" x"), lambda: ro.rollback(1)):
+                with pytest.raises(SessionError, match="read-only"):
+                    op()
+        s.correct(" still mine")  # the writer is unaffected
+        tid = s.task_id
+    with Session.open(store=store_dir, task_id=tid, model=engine) as again:  # released on close
+        assert again.response_text.endswith(" still mine")

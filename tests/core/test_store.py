@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -182,7 +183,10 @@ def test_lock_of_killed_process_is_recovered(tmp_path):
 
 def test_kill_during_saves_leaves_a_loadable_file(tmp_path):
     """SIGKILL a process that saves a growing tree in a loop; the file always loads and
-    holds at least every save that completed (the writer reports each completed save)."""
+    holds at least every save that completed (the writer reports each completed save).
+
+    Each kill waits for a number of completed saves, not for a fixed time, so a slow
+    machine (a slow interpreter start) still kills a writer in the middle of its saves."""
     code = textwrap.dedent(
         f"""
         import sys
@@ -198,14 +202,22 @@ def test_kill_during_saves_leaves_a_loadable_file(tmp_path):
         """
     )
     path = tmp_path / "tasks" / "t1.json"
-    for delay in (0.15, 0.3, 0.45, 0.6, 0.8):
+    rng = random.Random(0)
+    for after_saves in (2, 4, 10, 30, 60):
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
+        try:
+            seen, stamps = [], []
+            for _ in range(after_saves):
+                seen.append(proc.stdout.readline())
+                stamps.append(time.monotonic())
+            # then a random moment within the next save or two, measured on this machine
+            # (killing right after a line would always hit the gap between two saves)
+            time.sleep(rng.uniform(0, 2) * (stamps[-1] - stamps[0]) / (len(stamps) - 1))
+        finally:
+            proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
-        done = [int(x) for x in out.split()]
-        if not done:
-            continue
+        done = [int(x) for x in "".join(seen).split() + out.split()]
+        assert len(done) >= after_saves, f"the writer died on its own (rc {proc.returncode}) after {done}"
         tree = load_tree(path)
         assert len(tree.nodes) >= done[-1]
         path.unlink()

@@ -16,7 +16,8 @@ A line the parent has read was written before the kill, so an ``END`` line prove
 completed. Any exception other than the project's own refusals (SessionError) makes the
 worker exit with status 3 and a traceback on stderr, which the parent reports as a bug.
 ``STEER_FAULT_SLOWFS=1`` adds a random 0-4 ms sleep to each fsync so kills land inside a
-save more often.
+save more often (``STEER_FAULT_SLOWFS=MS``, a number above 1: 0-MS ms; the harness uses
+that for the kills it aims at a save).
 """
 
 from __future__ import annotations
@@ -66,12 +67,12 @@ class ReportingStore(Store):
         return path
 
 
-def slow_fsync() -> None:
+def slow_fsync(max_ms: float = 4.0) -> None:
     real = os.fsync
     rng = random.Random(os.getpid())
 
     def fsync(fd: int) -> None:
-        time.sleep(rng.random() * 0.004)
+        time.sleep(rng.random() * max_ms / 1000)
         real(fd)
 
     os.fsync = fsync  # type: ignore[assignment]
@@ -215,8 +216,9 @@ def run_app(store: Store, task_id: str, rng: random.Random) -> None:
 
 def main(argv: list[str]) -> int:
     mode, store_dir, task_id, seed = argv[1], argv[2], argv[3], int(argv[4])
-    if os.environ.get("STEER_FAULT_SLOWFS") == "1":
-        slow_fsync()
+    slowfs = float(os.environ.get("STEER_FAULT_SLOWFS") or 0)
+    if slowfs:
+        slow_fsync(4.0 if slowfs == 1 else slowfs)
     if os.environ.get("STEER_FAULT_UNSAFE") == "1":
         unsafe_saves()
     rng = random.Random(seed)

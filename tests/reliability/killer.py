@@ -10,6 +10,17 @@ SIGKILL after a random delay, and after every kill checks the task file:
 
 The next run opens the same task, so each kill also checks that a killed session's lock
 does not block the next one, and that the position restored from the file is usable.
+
+The harness counts its own coverage, so a test can insist that it checked something:
+``kills_mid_save`` (the worker had begun a save and not finished it), ``orphan_tmp_files``
+(temp files a kill left behind; only a kill inside a save may leave one, and the next
+session that takes the lock must remove it: ``stale_orphans`` counts those it did not).
+The kill moments adapt to the machine: every fourth kill lands inside a save (the parent
+kills as soon as the worker reports one has begun, plus a random part of the save durations
+measured so far; that worker's fsyncs are slowed to 0-40 ms so the save outlasts the
+parent's reaction even on a loaded machine), start-up kills are spread over the start-up time measured so far, and
+the others come a random time after the worker is ready. A slow machine shifts the moments,
+not what they hit.
 """
 
 from __future__ import annotations
@@ -40,8 +51,11 @@ class FaultReport:
     steers_checked: int = 0  # sum over kills of the steers the last completed save held
     saves_completed: int = 0
     kills_mid_save: int = 0  # the last line read was BEGIN: the kill landed inside a save (or just after)
+    kills_aimed_at_saves: int = 0  # kills sent as soon as a save had begun
     kills_before_ready: int = 0
-    orphan_tmp_files: int = 0
+    orphan_tmp_files: int = 0  # temp files left by a killed worker (summed over kills)
+    stale_orphans: int = 0  # temp files of an earlier worker still there after the next one took the lock
+    lost_nodes: int = 0  # nodes of the last completed save missing from the file
     worker_crashes: int = 0
     refusals: int = 0
     seconds: float = 0.0
@@ -60,20 +74,51 @@ class FaultReport:
 
 
 class _Reader(threading.Thread):
-    """Collects the worker's stdout lines as they arrive (they survive the kill)."""
+    """Collects the worker's stdout lines as they arrive (they survive the kill), with the
+    time each arrived. With ``kill_on_begin`` set (seconds) it SIGKILLs the worker that long
+    after the first ``BEGIN`` line that follows ``READY``: a kill inside a save."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, proc: subprocess.Popen, kill_on_begin: float | None = None) -> None:
         super().__init__(daemon=True)
-        self.stream = stream
+        self.proc = proc
+        self.stream = proc.stdout
+        self.kill_on_begin = kill_on_begin
         self.lines: list[str] = []
+        self.stamps: list[float] = []
         self.ready = threading.Event()
+        self.killed = threading.Event()
 
     def run(self) -> None:
         for raw in self.stream:
             line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.stamps.append(time.monotonic())  # (before the line: an index into lines is one into stamps)
             self.lines.append(line)
             if line == "READY":
                 self.ready.set()
+            elif self.kill_on_begin is not None and self.ready.is_set() and not self.killed.is_set() and line.startswith("BEGIN "):
+                if self.kill_on_begin > 0:
+                    time.sleep(self.kill_on_begin)
+                self.proc.send_signal(signal.SIGKILL)
+                self.killed.set()
+
+    def save_durations(self) -> list[float]:
+        """Seconds from each BEGIN to its END, for the saves that completed."""
+        out, begun = [], None
+        for line, t in zip(self.lines, self.stamps):
+            if line.startswith("BEGIN "):
+                begun = t
+            elif line.startswith("END ") and begun is not None:
+                out.append(t - begun)
+                begun = None
+        return out
+
+
+def _orphan_pid(tmp: Path) -> int | None:
+    """The writer's pid in a temp file name ``.<id>.json.<pid>.<hex>.tmp``."""
+    try:
+        return int(tmp.name.rsplit(".", 3)[1])
+    except (IndexError, ValueError):
+        return None
 
 
 def kill_chain(
@@ -104,8 +149,18 @@ def kill_chain(
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("PYTHONHASHSEED", "0")
     env.update(extra_env or {})
+    startup_seconds: list[float] = []  # worker start to READY, measured on this machine
+    save_seconds: list[float] = []  # BEGIN to END of completed saves, measured on this machine
     for k in range(kills):
         env["STEER_FAULT_SLOWFS"] = "1" if slowfs_every and k % slowfs_every == 1 else "0"
+        kind = "save" if k % 4 == 2 else "startup" if rng.random() < 0.1 else "random"
+        kill_on_begin = None
+        if kind == "save":  # as soon as a save has begun, plus up to half a typical save
+            typical = sorted(save_seconds)[len(save_seconds) // 2] if save_seconds else 0.0
+            kill_on_begin = rng.random() * 0.5 * typical
+            env["STEER_FAULT_SLOWFS"] = "40"
+            rep.kills_aimed_at_saves += 1
+        t_start = time.monotonic()
         proc = subprocess.Popen(
             [sys.executable, str(WORKER), mode, str(store), task_id, str(rng.randrange(2**31))],
             stdout=subprocess.PIPE,
@@ -113,11 +168,13 @@ def kill_chain(
             env=env,
             cwd=str(REPO),
         )
-        reader = _Reader(proc.stdout)
+        reader = _Reader(proc, kill_on_begin)
         reader.start()
-        if rng.random() < 0.1:
-            # kill during start-up: imports, model load, Session.open/create, first save
-            time.sleep(rng.random() * (0.3 if mode == "fake" else 1.0))
+        if kind == "startup":
+            # kill during start-up: imports, model load, Session.open/create, first save;
+            # spread over the start-up time this machine has shown (a guess until measured)
+            typical = sum(startup_seconds) / len(startup_seconds) if startup_seconds else (0.3 if mode == "fake" else 1.0)
+            time.sleep(rng.random() * typical)
         else:
             deadline = time.monotonic() + ready_timeout
             while not reader.ready.wait(0.05) and proc.poll() is None:
@@ -125,12 +182,22 @@ def kill_chain(
                     proc.kill()
                     rep.problems.append(f"kill {k}: worker not ready in {ready_timeout}s")
                     break
-            time.sleep(rng.random() * max_delay)
-        died_early = proc.poll() is not None
+            if reader.ready.is_set():
+                startup_seconds.append(reader.stamps[reader.lines.index("READY")] - t_start)
+            if kind == "save" and reader.ready.is_set():  # the reader kills it at its next save
+                deadline = time.monotonic() + 30 + 3 * max_delay  # a live session saves after every action
+                while not reader.killed.wait(0.05) and proc.poll() is None and time.monotonic() < deadline:
+                    pass
+                if not reader.killed.is_set() and proc.poll() is None:
+                    rep.problems.append(f"kill {k}: the worker began no save within {30 + 3 * max_delay:.0f}s of READY")
+            else:
+                time.sleep(rng.random() * max_delay)
+        died_early = proc.poll() is not None and not reader.killed.is_set()
         if not died_early:
             proc.send_signal(signal.SIGKILL)
         proc.wait()
         reader.join(5)
+        save_seconds.extend(reader.save_durations())
         err = proc.stderr.read().decode("utf-8", "replace")
         proc.stdout.close()
         proc.stderr.close()
@@ -161,8 +228,20 @@ def kill_chain(
         if last_line == "BEGIN":
             rep.kills_mid_save += 1
 
+        # temp files: only a kill inside a save may leave one (this worker's); a worker that
+        # got as far as READY held the lock, whose taking removes every earlier worker's
+        orphans = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.exists() else []
+        mine = [o for o in orphans if _orphan_pid(o) == proc.pid]
+        rep.orphan_tmp_files += len(mine)
+        if len(mine) > 1 or (mine and last_line != "BEGIN"):
+            rep.problems.append(f"kill {k}: {len(mine)} temp file(s) left by a kill outside a save: {[o.name for o in mine]}")
+        if reader.ready.is_set():
+            stale = [o for o in orphans if _orphan_pid(o) != proc.pid]
+            rep.stale_orphans += len(stale)
+            if stale:
+                rep.problems.append(f"kill {k}: temp files of earlier workers survived the lock: {[o.name for o in stale]}")
+
         # check the file
-        rep.orphan_tmp_files = len(list(path.parent.glob(f".{path.name}.*.tmp"))) if path.parent.exists() else 0
         if not path.exists():
             if last_end is not None:
                 rep.corrupt += 1
@@ -189,8 +268,8 @@ def kill_chain(
             if n is None or n.replaces != replaces or _crc(tree.original_tokens(sid)) != crc:
                 rep.lost_steers += 1
                 rep.problems.append(f"kill {k}: steer {sid} of a completed save is missing or changed")
-        if len(tree.nodes) < last_snapshot["nodes"]:
-            rep.lost_steers += 0  # nodes are never deleted: count it as corruption
+        if len(tree.nodes) < last_snapshot["nodes"]:  # nodes are never deleted
+            rep.lost_nodes += last_snapshot["nodes"] - len(tree.nodes)
             rep.corrupt += 1
             rep.problems.append(f"kill {k}: {len(tree.nodes)} nodes < {last_snapshot['nodes']} saved before")
     rep.seconds = round(time.monotonic() - t0, 1)

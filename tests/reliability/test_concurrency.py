@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,7 +65,6 @@ def test_lock_held_by_other_process_then_recovered_after_sigkill(tmp_path):
         with pytest.raises(TaskLocked) as ei:
             Session.open(store=tmp_path, task_id=tid, model=FakeEngine())
         assert ei.value.holder["pid"] == child.pid and f"process {child.pid}" in str(ei.value)
-        # the CLI's own check of a locked task: a clear line, no traceback
         child.send_signal(signal.SIGKILL)
         child.wait()
     finally:
@@ -155,3 +155,56 @@ def test_two_annotators_distinct_ids_train_data_loads_both(tmp_path):
     rep = load_trees([a, b])
     assert len(rep.trees) == 2 and not rep.errors
     assert sorted(s.node.text for t in rep.trees for s in t.steers()) == [" Kiwi", " Plum"]
+
+
+HOLDER_REAL = textwrap.dedent(
+    """
+    import sys, time
+    from steer_tui.core.engine import open_engine
+    from steer_tui.core.session import Session
+    s = Session.open(store=sys.argv[1], task_id=sys.argv[2], model=open_engine(None, n_ctx=512))
+    print("HOLDING", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_cli_session_on_a_locked_task_opens_read_only_and_says_who_holds_it(tmp_path, model_path):
+    """The real ``steer-tui session --task`` (in tmux) on a task another process holds: it
+    says which process holds it, opens it read-only, refuses to change it, and exits 0."""
+    from steer_tui.core.engine import open_engine
+    from tests.ui.test_tmux_e2e import Tmux, _q, steer_tui_command
+
+    engine = open_engine(model_path, n_ctx=512)
+    with Session.create(store=tmp_path, prompt="Give four examples of fruit.", model=engine, sampling={"temperature": 0, "seed": 1}) as s:
+        list(s.generate(max_tokens=8))
+        tid = s.task_id
+    engine.close()
+    path = Store(tmp_path).task_path(tid)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    child = subprocess.Popen([sys.executable, "-c", HOLDER_REAL, str(tmp_path), tid], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    tmux = Tmux(tmp_path)
+    try:
+        assert child.stdout.readline().decode().strip() == "HOLDING", child.stderr.read().decode()
+        before = path.read_bytes()
+        tmux.start(
+            f"{steer_tui_command()} session --store {_q(str(tmp_path))} --task {_q(tid)} --n-ctx 512",
+            {"STEER_CONFIG": str(tmp_path / "no-config.toml"), "TERM": "xterm-256color", "PATH": os.environ.get("PATH", ""),
+             "HOME": os.environ.get("HOME", str(tmp_path)), "PYTHONPATH": str(REPO)},
+        )
+        screen = tmux.wait_for(f"process {child.pid}", timeout=120)
+        assert "open in another session" in screen and "read-only" in screen, screen
+        tmux.keys("d")  # accept: refused, the task is not ours
+        tmux.wait_for("open read-only", timeout=30)
+        tmux.keys("C-q")
+        tmux.wait_for("EXITED 0", timeout=60)
+        assert path.read_bytes() == before  # nothing written
+        lock = json.loads((Store(tmp_path).tasks_dir / f"{tid}.lock").read_text())
+        assert lock["pid"] == child.pid and child.poll() is None  # the holder still holds it
+    finally:
+        tmux.kill()
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        child.stderr.close()

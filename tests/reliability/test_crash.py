@@ -26,9 +26,13 @@ def _check(rep: FaultReport) -> None:
     print(json.dumps(rep.to_dict()))
     assert rep.worker_crashes == 0, rep.problems
     assert rep.corrupt == 0, rep.problems
-    assert rep.lost_steers == 0, rep.problems
+    assert rep.lost_steers == 0 and rep.lost_nodes == 0, rep.problems
+    assert rep.stale_orphans == 0, rep.problems  # the next session's lock removed every orphan
     assert not rep.problems, rep.problems
-    assert rep.files_checked >= rep.kills // 2 and rep.saves_completed > 0  # the kills did hit live sessions
+    # the run covered what it claims: kills hit live sessions, some of them inside a save
+    assert rep.files_checked >= rep.kills // 2 and rep.saves_completed > 0, rep.to_dict()
+    assert rep.kills_aimed_at_saves >= 1 and rep.kills_mid_save >= 1, rep.to_dict()
+    assert rep.orphan_tmp_files <= rep.kills_mid_save, rep.to_dict()  # only a kill inside a save leaves one
 
 
 @pytest.fixture(scope="module")

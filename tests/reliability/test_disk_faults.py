@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -204,23 +205,35 @@ async def test_app_shows_save_error_keeps_data_and_retries(tmp_path, monkeypatch
     factory = SessionFactory(store=store, engine=FakeEngine(), sampling={"temperature": 0, "seed": 7, "max_tokens": 30}, annotator="t")
     app = make_app(session_factory=factory, config=UIConfig(annotator="t"), prompt="fruits")
     async with app.run_test(size=(100, 30)) as pilot:
-        scr = None
-        for _ in range(500):
-            await pilot.pause(0.02)
-            scr = app.session_screen
-            if scr and scr.session and not scr.generating and scr.status.state not in ("loading", "streaming"):
-                break
+
+        async def until(cond, what: str, timeout: float = 20.0) -> None:
+            deadline = time.monotonic() + timeout
+            while not cond():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                await pilot.pause(0.02)
+
+        def idle() -> bool:
+            s = app.session_screen
+            return bool(s and s.session and not s.generating and s.status.state not in ("loading", "streaming"))
+
+        await until(idle, "the first answer")
+        scr = app.session_screen
+        scr.save_retry_seconds = 0.1  # the app's timer, shortened (5 s in use)
         path = scr.session.store.task_path(scr.session.task_id)
         before = path.read_bytes()
         with failing(monkeypatch, "replace", errno.ENOSPC, path.parent):
             await pilot.press("d")  # accept: a save
-            await pilot.pause(0.1)
-            assert "save failed" in scr.status.save_state
+            await until(lambda: "save failed" in scr.status.save_state, "the failed save")
             msgs = [n.message for n in app._notifications]
             assert any("no space left on device" in m and str(path) in m for m in msgs), msgs
             assert scr.session.tree.accepted and path.read_bytes() == before
-        scr._retry_save()  # what the app's timer does 5 s later
-        await pilot.pause(0.1)
-        assert scr.status.save_state == "saved"
+            # the timer retries while the disk is full: each retry fails the same way, nothing is written
+            n_failed = sum("no space left on device" in n.message for n in app._notifications)
+            await until(lambda: sum("no space left on device" in n.message for n in app._notifications) > n_failed,
+                        "a retry by the timer")
+            assert path.read_bytes() == before and not _tmp_files(path.parent)
+        # the disk has room again: the next retry saves
+        await until(lambda: scr.status.save_state == "saved", "the retry that succeeds")
+        assert "Saved after retrying." in [n.message for n in app._notifications]
         assert load_tree(path).accepted == scr.session.tree.accepted
     factory.close()

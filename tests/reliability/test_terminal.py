@@ -123,7 +123,14 @@ async def test_app_renders_hostile_text_literally(tmp_path):
         assert text.count("[bold red]BOLD[/]") >= 2
         assert any(MARKUP in n.text and OSC8 in n.text for n in scr.session.tree.nodes if n.is_human)  # data kept exactly
         await pilot.press("t")  # the tree view
-        await pilot.pause(0.2)
+        from steer_tui.ui.screens.tree import TreeScreen
+
+        for _ in range(500):
+            await pilot.pause(0.02)
+            if isinstance(app.screen, TreeScreen) and "BOLD" in screen_text():
+                break
+        else:
+            raise AssertionError("the tree view did not show the task")
         text = screen_text()
         _assert_inert(text)
         assert "[bold red]BOLD[/]" in text

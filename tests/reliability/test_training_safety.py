@@ -66,20 +66,23 @@ def test_pickle_model_via_cli_is_a_clear_error(tmp_path):
 
 
 def test_remote_code_needs_the_flag(tmp_path):
+    """A model directory whose config points at its own code: without the flag that code never
+    runs (the built-in class loads the weights); with it, it does (the positive control that
+    shows the marker would appear if the code ran)."""
     d = tmp_path / "m"
     save_tiny_model(d)
     marker = tmp_path / "RAN"
     (d / "evil_model.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
-                                     "from transformers import LlamaForCausalLM as EvilForCausalLM\n")
+                                     "from transformers import LlamaForCausalLM\n"
+                                     "class EvilForCausalLM(LlamaForCausalLM):\n    pass\n")
     cfg = json.loads((d / "config.json").read_text())
     cfg["auto_map"] = {"AutoModelForCausalLM": "evil_model.EvilForCausalLM"}
     (d / "config.json").write_text(json.dumps(cfg))
     assert TrainConfig().trust_remote_code is False
-    try:
-        load_model(ModelSource("dir", str(d)))  # default: no remote code
-    except ModelError:
-        pass
-    assert not marker.exists()
+    model, _, _ = load_model(ModelSource("dir", str(d)))  # default: no remote code
+    assert type(model).__name__ == "LlamaForCausalLM" and not marker.exists()
+    model, _, _ = load_model(ModelSource("dir", str(d)), trust_remote_code=True)
+    assert type(model).__name__ == "EvilForCausalLM" and marker.exists()  # the flag does run it
 
 
 def test_nan_loss_keeps_last_good_checkpoint_loadable(tmp_path, monkeypatch, capsys):

@@ -26,13 +26,11 @@ PROMPTS = ["Give four examples of fruit.", "Name three colors.", "Write one sent
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, model_path):
-    import os
-
     from steer_tui import Session
     from steer_tui.core.engine import open_engine
 
     root = tmp_path_factory.mktemp("e2e")
-    os.environ["STEER_CACHE"] = str(root / "cache")  # never the user's cache
+    # (STEER_CACHE: tests/conftest.py points it at this run's temp dir, never the user's cache)
     store = root / "store"
     eng = open_engine(model_path, n_ctx=512)
     try:

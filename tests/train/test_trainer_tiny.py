@@ -146,8 +146,18 @@ def test_lora_layers_puts_lora_on_the_chosen_blocks_only(tmp_path):
         build_peft_model(tiny_llama(), make_config(data=["x"], out=str(tmp_path), lora_layers="0-99"))
 
 
-def test_cli_run_writes_outputs_and_resumes(tmp_path):
+def test_cli_run_writes_outputs_and_resumes(tmp_path, monkeypatch):
+    import train.trainer as trainer_mod
     from train.cli import main
+
+    trained_on: list[set[str]] = []  # the tasks each run handed the Trainer
+    real_dataset = trainer_mod.TaskDataset
+
+    def recording_dataset(examples):
+        trained_on.append({e.task for e in examples})
+        return real_dataset(examples)
+
+    monkeypatch.setattr(trainer_mod, "TaskDataset", recording_dataset)
 
     data = write_trees(tmp_path / "trees", n_tasks=5)
     model_dir = save_tiny_model(tmp_path / "tiny")
@@ -161,7 +171,10 @@ def test_cli_run_writes_outputs_and_resumes(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["train"]["global_step"] == 4
     assert m["data"]["eval_tasks"] == 2 and m["eval"]["before"]["steers"] == 6
-    assert set(m["eval_tasks"]).isdisjoint({f"task{i}" for i in range(5)} - set(m["eval_tasks"]))
+    everything = {f"task{i}" for i in range(5)}
+    assert len(m["eval_tasks"]) == 2 and set(m["eval_tasks"]) < everything
+    # the held-out tasks never reach the Trainer; every other task does
+    assert trained_on == [everything - set(m["eval_tasks"])]
     assert main(args[:args.index("--max-steps") + 1] + ["6"] + args[args.index("--max-steps") + 2:] + ["--resume"]) == 0
     m2 = json.loads((out / "metrics.json").read_text())
     assert m2["train"]["global_step"] == 6
@@ -233,3 +246,72 @@ def test_data_module_does_not_import_torch():
     code = "import sys, train.data, train.config; bad = [m for m in ('torch', 'transformers', 'textual') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def _tiny_run_args(tmp_path, *extra, steps=3):
+    data = write_trees(tmp_path / "trees", n_tasks=3)
+    return ["--data", str(data), "--out", str(tmp_path / "out"), "--model", save_tiny_model(tmp_path / "tiny"),
+            "--max-steps", str(steps), "--lr", "1e-2", "--lora-r", "4", "--eval-fraction", "0", "--no-progress", "-q", *extra]
+
+
+def test_a_failed_gguf_export_is_reported_and_the_run_still_succeeds(tmp_path, monkeypatch, capsys, caplog):
+    """The PEFT adapter is the run's product; a GGUF export that fails is recorded as
+    ``adapter_gguf_error`` (and logged), not turned into a failed run."""
+    import train.export
+    from train.cli import main
+
+    def broken_export(*a, **kw):
+        raise train.export.ExportError("gguf-py does not know the architecture 'x'")
+
+    monkeypatch.setattr(train.export, "export_lora_gguf", broken_export)
+    out = tmp_path / "out"
+    assert main(_tiny_run_args(tmp_path)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["adapter_gguf_error"] == "gguf-py does not know the architecture 'x'" and "adapter_gguf" not in m
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "adapter.gguf").exists()
+    assert "adapter.gguf export failed: gguf-py does not know the architecture 'x'" in caplog.text
+    assert "adapter.gguf" not in capsys.readouterr().out  # the summary does not claim one
+
+
+def test_gguf_export_writes_the_adapter_by_default(tmp_path):
+    from train.cli import main
+
+    out = tmp_path / "out"
+    assert main(_tiny_run_args(tmp_path, steps=1)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["adapter_gguf"] == str(out / "adapter.gguf") and "adapter_gguf_error" not in m
+    assert (out / "adapter.gguf").read_bytes()[:4] == b"GGUF"
+
+
+def test_merge_writes_a_model_equal_to_base_plus_adapter(tmp_path):
+    """--merge: OUT/merged is a plain safetensors model whose logits are the base model's
+    with the trained adapter applied (and differ from the base alone)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from train.cli import main
+
+    out = tmp_path / "out"
+    assert main(_tiny_run_args(tmp_path, "--merge", "--no-gguf", steps=4)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["merged"] == str(out / "merged")
+    assert (out / "merged" / "model.safetensors").is_file() and not list((out / "merged").glob("*.bin"))
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "tiny"), out).eval()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny").eval()
+    ids = torch.randint(2, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, plain = merged(ids).logits, with_adapter(ids).logits, base(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert (got - plain).abs().max() > 1e-3  # the merge carried a trained adapter, not a no-op
+
+
+def test_resume_without_a_checkpoint_starts_fresh(tmp_path, caplog):
+    from train.cli import main
+
+    out = tmp_path / "out"
+    assert main(_tiny_run_args(tmp_path, "--resume", "--no-gguf", steps=2)) == 0
+    assert "--resume: no checkpoint in" in caplog.text and "starting fresh" in caplog.text
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["train"]["global_step"] == 2 and m["history"][0]["step"] == 1

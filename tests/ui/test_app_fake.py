@@ -338,30 +338,118 @@ async def test_help_palette_and_keymap(factory, store):
             assert k.description in titles
 
 
-async def test_save_failure_keeps_data_and_retries(app_for, store, monkeypatch):
+class RetrySpy:
+    """Counts the screen's save-retry timers as they are armed and as they fire, and records
+    any moment when a second one is armed while one is still pending."""
+
+    def __init__(self, scr) -> None:
+        from steer_tui.ui.screens.session import SessionScreen
+
+        self.armed = self.fired = 0
+        self.piled_up: list[int] = []
+        real_set_timer = scr.set_timer
+
+        def set_timer(delay, callback=None, *args, **kwargs):
+            if getattr(callback, "__func__", None) is SessionScreen._retry_save:
+                if self.armed > self.fired:
+                    self.piled_up.append(self.armed - self.fired + 1)
+                self.armed += 1
+                inner = callback
+
+                def fire():
+                    self.fired += 1
+                    return inner()
+
+                callback = fire
+            return real_set_timer(delay, callback, *args, **kwargs)
+
+        scr.set_timer = set_timer
+
+
+def failing_store_save(monkeypatch, store_type):
+    """Make ``store_type.save`` fail while ``state["fail"]``; counts every attempt."""
+    real_save = store_type.save
+    state = {"fail": True, "attempts": 0}
+
+    def flaky_save(self, tree):
+        state["attempts"] += 1
+        if state["fail"]:
+            raise StoreError(f"cannot write {self.task_path(tree.id)}: No space left on device")
+        return real_save(self, tree)
+
+    monkeypatch.setattr(store_type, "save", flaky_save)
+    return state
+
+
+def notices(app) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+async def test_save_failure_keeps_data_and_the_timer_retries(app_for, store, monkeypatch):
     app = app_for(prompt="fruits")
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_idle(pilot, app)
         scr = app.session_screen
-        real_save = type(scr.session.store).save
-        fail = {"on": True}
-
-        def flaky_save(self, tree):
-            if fail["on"]:
-                raise StoreError(f"cannot write {self.task_path(tree.id)}: No space left on device")
-            return real_save(self, tree)
-
-        monkeypatch.setattr(type(scr.session.store), "save", flaky_save)
+        scr.save_retry_seconds = 0.1
+        spy = RetrySpy(scr)
+        state = failing_store_save(monkeypatch, type(scr.session.store))
         await pilot.press("d")
-        await pilot.pause()
-        assert scr.status.save_state.startswith("save failed")
+        await wait_for(pilot, lambda: scr.status.save_state.startswith("save failed"), what="the failed save")
         assert scr.session.tree.accepted  # kept in memory
         assert read_task(store)["accepted"] == []
-        fail["on"] = False
-        scr._retry_save()
-        await pilot.pause()
-        assert scr.status.save_state == "saved"
+        assert any("Your work is kept in memory" in m for m in notices(app))
+        # the timer really fires, and fires again while the disk stays full
+        await wait_for(pilot, lambda: spy.fired >= 2 and state["attempts"] >= 3, what="two retries by the timer")
+        assert read_task(store)["accepted"] == []
+        state["fail"] = False
+        await wait_for(pilot, lambda: scr.status.save_state == "saved", what="the retry that succeeds")
         assert read_task(store)["accepted"] == scr.session.tree.accepted
+        assert "Saved after retrying." in notices(app)
+        fired = spy.fired
+        await pilot.pause(5 * scr.save_retry_seconds)
+        assert spy.fired == fired and spy.armed == spy.fired  # saved: nothing is retried any more
+        assert spy.piled_up == []
+
+
+async def test_save_retry_waits_for_a_generation_and_never_piles_up(store, config, monkeypatch):
+    """Several failed saves share one pending retry; a retry that comes due while the model
+    streams re-arms instead of saving under the stream; after the stream, the timer's retry
+    saves everything and says so."""
+    engine = SlowFakeEngine([FRUITS * 6], delay=0.03)
+    factory = SessionFactory(store=store, engine=engine, sampling={"temperature": 0, "seed": 1, "max_tokens": 400}, annotator="tester")
+    app = make_app(session_factory=factory, config=config, prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.session_screen and app.session_screen.view.n_tokens >= 3, what="tokens")
+        scr = app.session_screen
+        await pilot.press("space")
+        await wait_idle(pilot, app)
+        scr.save_retry_seconds = 0.15
+        spy = RetrySpy(scr)
+        state = failing_store_save(monkeypatch, type(scr.session.store))
+        await pilot.press("d", "u")  # accept, then undo it: two failed saves in a row
+        await wait_idle(pilot, app)
+        assert state["attempts"] >= 2 and scr.status.save_state.startswith("save failed")
+        assert spy.armed - spy.fired <= 1
+        # continue generating; the retry comes due during the stream and waits
+        await pilot.press("space")
+        await wait_for(pilot, lambda: scr.streaming, what="the stream")
+        attempts, fired = state["attempts"], spy.fired
+        await wait_for(pilot, lambda: spy.fired >= fired + 2 or not scr.streaming, timeout=20, what="retries during the stream")
+        assert scr.streaming, f"{spy.fired - fired} retries came due during the stream: they must re-arm while it runs"
+        assert state["attempts"] == attempts  # due twice, saved nothing under the stream
+        assert spy.armed - spy.fired == 1  # and re-armed
+        # the stream ends (its own save fails too), then the timer's retry saves it all
+        await pilot.press("space")
+        await wait_idle(pilot, app)
+        state["fail"] = False
+        await wait_for(pilot, lambda: scr.status.save_state == "saved", what="the retry after the stream")
+        assert "Saved after retrying." in notices(app)
+        data = read_task(store)
+        assert data["accepted"] == scr.session.tree.accepted
+        assert nodes_by_id(data).keys() == {n.id for n in scr.session.tree.nodes}
+        assert saved_response_text(data) == scr.view.text()
+        assert spy.piled_up == [], f"retries piled up: {spy.piled_up} pending at once"
+    factory.close()
 
 
 async def test_tiny_terminal_does_not_crash(app_for, store):
@@ -380,8 +468,7 @@ async def test_tiny_terminal_does_not_crash(app_for, store):
         view = app.session_screen.view
         narrow = view.line_count()
         await pilot.resize_terminal(80, 24)  # grow: the text is wrapped again, to the new width
-        await pilot.pause(0.1)
-        assert view.line_count() < narrow
+        await wait_for(pilot, lambda: view.line_count() < narrow, what="the text re-wrapped to 80 columns")
         assert max(len(line) for line in view.visible_lines()) <= view.scrollable_content_region.width
     data = read_task(store)
     # at the end after an EOS, a correction replaces the EOS token
@@ -518,20 +605,30 @@ async def test_page_keys_move_the_cursor(store, config):
         assert view.cursor_position()[0] == 0
 
 
+def palette_highlights(app, text: str) -> bool:
+    """The command palette is open and its highlighted hit is the command ``text``."""
+    from textual.command import CommandList, CommandPalette
+
+    if not isinstance(app.screen, CommandPalette):
+        return False
+    hits = app.screen.query_one(CommandList)
+    if hits.highlighted is None:
+        return False
+    return text in str(hits.get_option_at_index(hits.highlighted).prompt)
+
+
 async def test_command_palette_runs_session_actions(app_for, store):
     app = app_for(prompt="fruits")
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_idle(pilot, app)
         await pilot.press("ctrl+p")
-        await pilot.pause()
         await pilot.press(*"Mark path done")
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: palette_highlights(app, "Mark path done"), what="the palette's hit")
         await pilot.press("enter")
         await wait_for(pilot, lambda: read_task(store)["accepted"] != [], what="accept via the palette")
         await pilot.press("ctrl+p")
-        await pilot.pause()
         await pilot.press(*"Tree view")
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: palette_highlights(app, "Tree view"), what="the palette's hit")
         await pilot.press("enter")
         await wait_for(pilot, lambda: isinstance(app.screen, TreeScreen), what="tree view via the palette")
 

@@ -131,3 +131,80 @@ async def test_real_model_pause_mid_stream(real_engine, tmp_path):
         await pilot.press("left", "left")
         assert scr.view.cursor == n - 2
         assert "p=" in str(scr.query_one("#cursor-info").info)
+
+
+async def test_real_model_quit_mid_stream_saves_and_releases(real_engine, tmp_path):
+    """ctrl+q while llama.cpp streams: the generated tokens are saved (end "paused"), the
+    lock is released, and the task reopens paused exactly where it stopped."""
+    from steer_tui.core.session import Session
+
+    store = tmp_path / "store"
+    app = real_app(store, real_engine, prompt="Write a long story about a fox.", max_tokens=400)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.session_screen and app.session_screen.view.n_tokens >= 3, timeout=120, what="tokens")
+        task_id = app.session_screen.session.task_id
+        await pilot.press("ctrl+q")
+    data = read_task(store)
+    (node,) = data["nodes"]
+    assert node["end"] == "paused" and 3 <= len(node["tokens"]) < 400
+    assert len(node["logprobs"]) == len(node["top"]) == len(node["tokens"])
+    assert node["text"] == real_engine.detokenize(node["tokens"])
+    with Session.open(store=store, task_id=task_id, model=real_engine) as s:  # the lock was released
+        assert s.response_tokens == node["tokens"]
+    app2 = real_app(store, real_engine, task_id=task_id)
+    async with app2.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app2, timeout=120)
+        scr = app2.session_screen
+        assert scr.status.state == "paused" and scr.view.text() == node["text"]
+
+
+async def test_b_toggles_the_adapter_for_the_next_continuation(tmp_path, model_path):
+    """b switches the loaded LoRA off and on: the status line says which, and each new model
+    node records whether the adapter wrote it. Without an adapter, b says there is none."""
+    from steer_tui.core.engine import Sampling, open_engine
+    from tests.core.test_engine_adapter import write_lora
+
+    lora = write_lora(tmp_path / "tiny-lora.gguf")
+    engine = open_engine(model_path, n_ctx=512, adapter=lora)
+    try:
+        store = tmp_path / "store"
+        app = real_app(store, engine, prompt="Name a fruit.", max_tokens=4)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_idle(pilot, app, timeout=120)
+            scr = app.session_screen
+            assert scr.status.model.endswith("+ tiny-lora.gguf")
+            first = read_task(store)["nodes"][0]
+            assert first["adapter"]["path"] == str(lora.resolve())
+            await pilot.press("b")
+            await wait_for(pilot, lambda: "(tiny-lora.gguf off)" in scr.status.model, what="adapter off")
+            assert engine.adapter is None and "Adapter off for the next continuation." in [n.message for n in app._notifications]
+            await pilot.press("home", "right", "r")  # resample from token 1 with the base model
+            await wait_idle(pilot, app, timeout=120)
+            base_node = path_of(read_task(store), saved_end(read_task(store)))[-1]
+            assert base_node["id"] != first["id"] and base_node.get("adapter") is None
+            # ...and the base model really wrote it: what a plain engine writes greedily there
+            context = read_task(store)["prompt"]["tokens"] + first["tokens"][:1]
+            plain = open_engine(model_path, n_ctx=512)
+            try:
+                want = [t.id for t in plain.generate(context, Sampling(temperature=0), max_tokens=len(base_node["tokens"]))]
+            finally:
+                plain.close()
+            assert base_node["tokens"] == want and want[:3] != first["tokens"][1:4]
+            await pilot.press("b")
+            await wait_for(pilot, lambda: scr.status.model.endswith("+ tiny-lora.gguf"), what="adapter on")
+            await pilot.press("home", "right", "r")
+            await wait_idle(pilot, app, timeout=120)
+            again = path_of(read_task(store), saved_end(read_task(store)))[-1]
+            assert again["id"] not in (first["id"], base_node["id"]) and again["adapter"] == first["adapter"]
+            assert again["tokens"][:3] == first["tokens"][1:4]  # the adapter's own greedy text again
+    finally:
+        engine.set_adapter_enabled(True)
+        engine.close()
+    from steer_tui.core.fake_engine import FakeEngine
+
+    app = real_app(tmp_path / "store2", FakeEngine(), prompt="hi", max_tokens=3)  # no adapter at all
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot, app, timeout=60)
+        await pilot.press("b")
+        await wait_for(pilot, lambda: any("No adapter loaded" in n.message for n in app._notifications), what="the notice")
+

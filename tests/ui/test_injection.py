@@ -8,7 +8,7 @@ from steer_tui.ui.app import SessionFactory, make_app
 from steer_tui.ui.config import UIConfig
 from steer_tui.ui.screens.tree import TreeScreen
 
-from .conftest import nodes_by_id, read_task, saved_response_text, wait_idle
+from .conftest import nodes_by_id, read_task, saved_response_text, wait_for, wait_idle
 
 EVIL = "[bold]B[/bold] [link=https://evil.example]click[/link] \x1b[31mred\x1b[0m \x1b]0;title\x07 end"
 
@@ -74,8 +74,7 @@ async def test_notifications_are_plain_text(tmp_path, monkeypatch):
 
         monkeypatch.setattr(Store, "save", failing)
         await pilot.press("d")
-        await pilot.pause(0.2)
-        assert app.session_screen.status.save_state.startswith("save failed")
+        await wait_for(pilot, lambda: app.session_screen.status.save_state.startswith("save failed"), what="the failed save")
         # the notification shows it literally (Textual's toasts parse markup unless told not to)
         from textual.widgets._toast import Toast
 

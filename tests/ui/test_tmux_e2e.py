@@ -58,22 +58,27 @@ def _q(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
 
 
-def steer_tui_command() -> str:
-    exe = Path(sys.executable).parent / "steer-tui"
-    if exe.exists():
-        return _q(str(exe))
-    return f"{_q(sys.executable)} -m steer_tui.cli"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tmux_env(tmp_path: Path) -> dict[str, str]:
-    """A clean environment for the app in tmux: no user config, the test run's cache."""
+    """A clean environment for the app in tmux: no user config, the test run's cache;
+    PYTHONPATH makes it run this checkout."""
     return {
         "STEER_CONFIG": str(tmp_path / "no-config.toml"),
         "STEER_CACHE": os.environ.get("STEER_CACHE", str(tmp_path / "cache")),
         "TERM": "xterm-256color",
         "PATH": os.environ.get("PATH", ""),
         "HOME": os.environ.get("HOME", str(tmp_path)),
+        "PYTHONPATH": str(REPO),
     }
+
+
+def steer_tui_command() -> str:
+    exe = Path(sys.executable).parent / "steer-tui"
+    if exe.exists():
+        return _q(str(exe))
+    return f"{_q(sys.executable)} -m steer_tui.cli"
 
 
 def test_tmux_steering_session(tmp_path, model_path):
@@ -118,3 +123,37 @@ def test_tmux_steering_session(tmp_path, model_path):
         cur = by[cur]["parent"]
     assert len(prefix) == 3
     assert data["accepted"] and data["sampling"]["temperature"] == 0 and data["sampling"]["seed"] == 1
+
+
+def test_tmux_read_only_session(tmp_path, model_path):
+    """``steer-tui session --task ID --read-only``: the task is shown, every change is refused
+    with a notice, nothing is written, and the task is not left locked."""
+    from steer_tui.core.engine import open_engine
+    from steer_tui.core.session import Session
+
+    store = tmp_path / "store"
+    engine = open_engine(model_path, n_ctx=512)
+    try:
+        with Session.create(store=store, prompt="Give four examples of fruit.", model=engine, sampling={"temperature": 0, "seed": 1}) as s:
+            list(s.generate(max_tokens=6))
+            tid, text = s.task_id, s.response_text
+        path = s.store.task_path(tid)
+        before = path.read_bytes()
+        tmux = Tmux(tmp_path)
+        tmux.start(f"{steer_tui_command()} session --store {_q(str(store))} --task {_q(tid)} --read-only --n-ctx 512", tmux_env(tmp_path))
+        try:
+            screen = tmux.wait_for("read-only", timeout=120)
+            assert text.splitlines()[0].strip() in screen, screen
+            tmux.keys("space")  # continue: refused
+            tmux.wait_for("This task is open read-only.", timeout=30)
+            tmux.keys("d", "u")  # accept, undo: refused too (each with a notice)
+            tmux.wait_for("is open read-only", timeout=30)
+            tmux.keys("C-q")
+            tmux.wait_for("EXITED 0", timeout=60)
+        finally:
+            tmux.kill()
+        assert path.read_bytes() == before
+        with Session.open(store=store, task_id=tid, model=engine) as again:  # not left locked
+            assert again.response_text == text
+    finally:
+        engine.close()

@@ -25,6 +25,7 @@ from textual.containers import Horizontal
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
+from textual.timer import Timer
 from textual.worker import Worker, WorkerState
 
 from steer_tui.core.session import SaveError, TokenInfo
@@ -45,6 +46,7 @@ BATCH_SECONDS = 0.05
 STATUS_SECONDS = 0.5  # tokens/s and context in the status bar while streaming
 GHOST_CHARS = 120  # rejected text shown (struck through) before a correction, at most
 NEWLINE_MARK = "\u21b5"  # typed with ctrl+j in the correction editor, saved as "\n"
+SAVE_RETRY_SECONDS = 5.0  # a failed save is tried again this long after, until it succeeds
 
 
 @dataclass
@@ -126,6 +128,9 @@ class SessionScreen(Screen[None]):
 
     BINDINGS = bindings(SESSION_KEYS)
 
+    save_retry_seconds: float = SAVE_RETRY_SECONDS
+    """Delay before a failed save is retried (one pending retry at a time)."""
+
     class Streamed(Message):
         """A batch of tokens from the generation worker."""
 
@@ -163,6 +168,7 @@ class SessionScreen(Screen[None]):
         self._status_t = 0.0
         self._edit_at: int | None = None
         self._save_failed = False
+        self._retry_timer: Timer | None = None
         self._path: PathView | None = None
         self._steer_worker: Worker | None = None
         self.closed = False
@@ -359,17 +365,23 @@ class SessionScreen(Screen[None]):
             self._save_failed = True
             self.status.save_state = f"save failed: {exc}"
             self.app.notify(f"{exc}\nYour work is kept in memory; saving is retried.", title="Save failed", severity="error", timeout=8)
-            self.set_timer(5.0, self._retry_save)
+            self._schedule_retry()
             return False
         self._save_failed = False
         self.status.save_state = "saved"
         return True
 
+    def _schedule_retry(self) -> None:
+        """Retry the save later; failures while a retry is pending share it (no pile-up)."""
+        if self._retry_timer is None:
+            self._retry_timer = self.set_timer(self.save_retry_seconds, self._retry_save)
+
     def _retry_save(self) -> None:
+        self._retry_timer = None
         if not self._save_failed or self.session is None:
             return
         if self.generating:  # the stream saves when it stops; look again later
-            self.set_timer(5.0, self._retry_save)
+            self._schedule_retry()
             return
         if self._save():
             self.app.notify("Saved after retrying.", title="Saved")
@@ -486,7 +498,7 @@ class SessionScreen(Screen[None]):
         if isinstance(exc, SaveError):
             self._save_failed = True
             self.status.save_state = f"save failed: {exc}"
-            self.set_timer(5.0, self._retry_save)
+            self._schedule_retry()
             self.app.notify(f"{exc}\nYour work is kept in memory; saving is retried.", title="Save failed", severity="error", timeout=8)
         else:
             self.app.notify(str(exc), title=title, severity="error", timeout=10)
