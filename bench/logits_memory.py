@@ -92,6 +92,34 @@ def measure(tokens: int, vocab: int, hidden: int, before_device: str) -> dict:
     return res
 
 
+def step_seconds(model, seq: list[int], fused: bool) -> float:
+    """Wall time of the reference pass + loss + backward (the trainer's step on one row)."""
+    import time
+
+    masks = [[True] * (len(seq) - 1)]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.eval()
+        _, ref = token_logprobs(model, [seq], dist_masks=masks, dist_states=fused, fused=fused, token_budget=len(seq))
+        model.train()
+    logps, dists = token_logprobs(model, [seq], dist_masks=masks, dist_states=fused, fused=fused, token_budget=len(seq))
+    (-logps[0].sum() + full_reference_kl(dists, ref)).backward()
+    return time.perf_counter() - t0
+
+
+def timing(tokens: int, vocab: int, hidden: int, reps: int = 3) -> tuple[float, float]:
+    """Median seconds, plain vs chunked, interleaved on one model (real CPU)."""
+    model = tiny_model(vocab, hidden, "cpu")
+    seq = [(7 * i + 3) % vocab for i in range(tokens)]
+    runs = {False: [], True: []}
+    for _ in range(reps):
+        for fused in (False, True):
+            model.zero_grad(set_to_none=True)
+            runs[fused].append(step_seconds(model, seq, fused))
+    med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+    return med[False], med[True]
+
+
 def gib(n: int) -> str:
     return f"{n / 2**30:8.3f} GiB" if n >= 2**27 else f"{n / 2**20:8.2f} MiB"
 
@@ -103,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--before-device", choices=["meta", "cpu"], default="meta")
     ap.add_argument("--check-tokens", type=int, default=256, help="T of the meta-vs-real check (0: skip)")
+    ap.add_argument("--time", type=int, default=0, metavar="T",
+                    help="also time the step (plain vs chunked, real CPU) on a row of T tokens")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
@@ -134,6 +164,10 @@ def main(argv=None) -> int:
         print(f"per token, after: {r1['after']['head'] / r1['T']:.1f} bytes on the head path "
               f"(hidden {args.hidden}: {4 * args.hidden} bytes of fp32 hidden state per saved row); "
               f"before: {r1['before']['head'] / r1['T'] / (4 * args.vocab):.2f} x V x 4 bytes")
+    if args.time:
+        plain, chunked = timing(args.time, args.vocab, args.hidden)
+        print(f"\nstep time at T={args.time} (reference pass + loss + backward, median of 3, interleaved): "
+              f"plain {plain:.2f} s, chunked {chunked:.2f} s, x{chunked / plain:.2f}")
     return 0
 
 

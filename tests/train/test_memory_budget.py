@@ -69,14 +69,16 @@ def step(trainer, tasks):
     return float(loss), {k: v[-1] for k, v in trainer._metrics.items()}, grads
 
 
-@pytest.mark.parametrize("packing", ["tree", "none"])
-@pytest.mark.parametrize("kl_mode", ["full", "token"])
-def test_micro_batches_give_the_batch_loss_and_gradient(tmp_path, packing, kl_mode):
+@pytest.mark.parametrize("packing,kl_mode,accum", [("tree", "full", 1), ("tree", "token", 1), ("none", "full", 1),
+                                                   ("none", "token", 1), ("tree", "full", 3)])
+def test_micro_batches_give_the_batch_loss_and_gradient(tmp_path, packing, kl_mode, accum):
     """fp32 noise only: the terms are the same sums split in pieces (1e-5, see
-    test_memory_logits for the bound)."""
+    test_memory_logits for the bound). With gradient accumulation the micro-batches' own
+    backward is divided like the Trainer divides the returned loss."""
     tasks = tasks_of(3, 4)
     whole = make_trainer(tmp_path / "a", tasks, token_budget=4096, packing=packing, kl_mode=kl_mode)
     small = make_trainer(tmp_path / "b", tasks, token_budget=40, packing=packing, kl_mode=kl_mode)
+    whole.current_gradient_accumulation_steps = small.current_gradient_accumulation_steps = accum
     b = Batch(tasks, use_sft=True, use_pairs=True)
     assert len(b.split(4096, packing)) == 1 and len(b.split(40, packing)) >= 4
     lw, mw, gw = step(whole, tasks)
