@@ -323,3 +323,26 @@ def test_chat_template_renders_the_familys_own_prompt(name, fams):
     pos = [text.find(m) for m in TEMPLATE_MARKS[name]]
     assert all(p >= 0 for p in pos) and pos == sorted(pos), (name, text)
     assert "Name three colors." in text
+
+
+def test_llama3_parameters_recovered_from_rope_freqs():
+    """Llama-3.1's rope_freqs (factor 8, low 1, high 4, original 8192) become llama3 rope
+    parameters; factors no standard set reproduces become an exactly equivalent LongRoPE."""
+    import math
+
+    import numpy as np
+
+    from train.gguf_model import _llama3_or_longrope
+
+    base, n_rot = 500000.0, 128
+    inv = base ** (-np.arange(0, n_rot, 2) / n_rot)
+    wl = 2 * math.pi / inv
+    smooth = (8192 / wl - 1) / 3
+    ff = np.where(wl < 2048, 1.0, np.where(wl > 8192, 8.0, 1 / ((1 - smooth) / 8 + smooth))).astype(np.float32)
+    p = _llama3_or_longrope(ff.astype(np.float64), base=base, n_rot=n_rot, ctx=131072)
+    assert p == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+    odd = ff.astype(np.float64) * 1.01
+    q = _llama3_or_longrope(odd, base=base, n_rot=n_rot, ctx=131072)
+    assert q["rope_type"] == "longrope" and q["short_factor"] == q["long_factor"] == odd.tolist()
+    assert q["attention_factor"] == 1.0
