@@ -138,7 +138,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("mistral", _mistral, "mistralai-Mistral-Nemo-Instruct-2407", permuted=True, what="head_dim 32 != 64/4, untied"),
     Family("qwen2", _qwen2, "Qwen-Qwen2.5-7B-Instruct", what="q/k/v biases"),
     Family("qwen3", _qwen3, "Qwen-Qwen3-0.6B", what="q/k norms, head_dim 32"),
-    Family("gemma2", _gemma2, "google-gemma-2-2b-it", what="soft-capping, sliding window 8, norm offsets"),
+    Family("gemma2", _gemma2, "google-gemma-2-2b-it", what="soft-capping 5/8, sliding window 8, norm offsets"),
     Family("gemma3", _gemma3, "google-gemma-2-2b-it",
            what="5 local (window 8, base 1e4) + 1 global layer (linear x8), scalar 16"),
     Family("phi3", _phi3, "microsoft-Phi-3.5-mini-instruct", tokenizer_class="GPT2Tokenizer",
