@@ -1,7 +1,10 @@
-"""``steer-train``: train a LoRA adapter on steer trees; ``steer-train eval``: score one.
+"""``steer-train``: train a LoRA adapter on steer trees; ``steer-train eval``: score one;
+``steer-train check-model``: does the training model compute what llama.cpp computes?
 
-Exit codes: 0 ok, 2 bad arguments / no usable data / unknown model, 3 training stopped
-(non-finite loss, out of memory), 1 unexpected error.
+Exit codes: 0 ok, 2 bad arguments / no usable data / unknown or unsupported model, 3 training
+stopped (non-finite loss, out of memory), 4 the training model does not match llama.cpp's
+(pre-training check; ``--allow-model-mismatch`` trains anyway), 1 unexpected error.
+``check-model``: 0 match, 1 mismatch, 2 cannot check (bad arguments, unsupported model).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="steer-train",
         description="Train a LoRA adapter on steer trees (masked SFT + localized DPO). "
-        "`steer-train eval --help` scores an adapter on held-out steers.",
+        "`steer-train eval --help` scores an adapter on held-out steers; "
+        "`steer-train check-model --help` compares the training model with llama.cpp.",
     )
     p.add_argument("--data", action="append", metavar="DIR|FILE", help="steer-tree dir (recursive *.json) or file; repeatable")
     p.add_argument("--out", metavar="DIR", help="output directory")
@@ -71,8 +75,28 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", default=None, help="also write a merged HF model to OUT/merged")
     p.add_argument("--no-gguf", dest="export_gguf", action="store_false", default=None)
     p.add_argument("--trust-remote-code", action="store_true", default=None)
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="train even if the pre-training check finds that the training model does not compute what "
+                        "llama.cpp computes from the GGUF (see `steer-train check-model`)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def _check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="steer-train check-model",
+        description="Load MODEL.gguf both ways, with llama.cpp and with steer-train's loader, and compare the "
+        "next-token log-probs of a fixed text at every position (and, with --adapter, the adapter's effect: "
+        "llama.cpp base+adapter.gguf vs the PEFT adapter it was exported from). Prints the largest "
+        "difference and the verdict; exit 0 match, 1 mismatch, 2 cannot check (unsupported model...).")
+    p.add_argument("model", metavar="MODEL.gguf")
+    p.add_argument("--adapter", metavar="A.gguf|DIR",
+                   help="adapter.gguf (its directory must hold the PEFT adapter) or a steer-train --out directory")
+    p.add_argument("--tokens", type=int, metavar="N",
+                   help="score N tokens (the fixed text repeated; default: the text once, ~200 tokens)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
@@ -109,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if argv and argv[0] == "eval":
         return eval_main(argv[1:])
+    if argv and argv[0] == "check-model":
+        return check_main(argv[1:])
     args = _train_parser().parse_args(argv)
     _setup_logging(args.quiet)
     try:
         file_values = load_toml(args.config) if args.config else {}
-        given = {k: v for k, v in vars(args).items() if k not in ("config", "quiet")}
+        given = {k: v for k, v in vars(args).items() if k not in ("config", "quiet", "allow_model_mismatch")}
         cfg = make_config(file_values, **given)
         if not cfg.data:
             raise ConfigError("--data is required (a directory of steer trees, e.g. <store>/tasks)")
@@ -121,20 +147,23 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--out is required")
     except ConfigError as exc:
         return _fail(str(exc))
-    return _run(cfg)
+    return _run(cfg, allow_model_mismatch=args.allow_model_mismatch)
 
 
-def _run(cfg: TrainConfig) -> int:
+def _run(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> int:
     from train.data import DataError
     from train.modeling import ModelError
 
     try:
+        from train.check import ModelMismatch
         from train.memory import MemoryRefused
         from train.trainer import NonFiniteLoss, run_training
     except ImportError as exc:
         return _fail(f"the training extra is not installed ({exc}); run `pip install 'steer[train]'`")
     try:
-        metrics = run_training(cfg)
+        metrics = run_training(cfg, allow_model_mismatch=allow_model_mismatch)
+    except ModelMismatch as exc:
+        return _fail(str(exc), 4)
     except (DataError, ModelError, ConfigError) as exc:
         return _fail(str(exc))
     except MemoryRefused as exc:
@@ -210,6 +239,29 @@ def eval_main(argv: list[str]) -> int:
         for k in ("steer_accuracy", "first_token_accuracy", "reward_margin"):
             print(f"  {k:22s} {b[k]:8.3f} -> {a[k]:8.3f}")
     return 0
+
+
+def check_main(argv: list[str]) -> int:
+    args = _check_parser().parse_args(argv)
+    _setup_logging(True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    from train.check import CheckError, check_model
+    from train.modeling import ModelError
+
+    if args.tokens is not None and args.tokens < 2:
+        return _fail("--tokens must be >= 2")
+    try:
+        rep = check_model(args.model, adapter=args.adapter, n_tokens=args.tokens,
+                          trust_remote_code=args.trust_remote_code)
+    except (CheckError, ModelError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(rep.to_dict(), indent=2))
+    else:
+        print("\n".join(rep.lines()))
+    return 0 if rep.ok else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,8 +27,26 @@ import torch
 
 log = logging.getLogger(__name__)
 
-#: architectures whose q/k rows convert_hf_to_gguf permutes for rotary embeddings
-_PERMUTE_QK = {"llama", "mistral", "granite", "granitemoe", "deci"}
+#: GGUF architectures whose q/k rows convert_hf_to_gguf permutes for rotary embeddings (the
+#: converter's LlamaModel and subclasses that keep ``undo_permute = True``, and Deci)
+_PERMUTE_QK = {"llama", "mistral3", "smollm3", "arcee", "granite", "granitemoe", "nanbeige", "deci"}
+
+#: HF ``model_type`` -> GGUF architecture where the names differ (convert_hf_to_gguf writes
+#: Mistral as ``llama``, Gemma-3's text model as ``gemma3``...)
+_GGUF_ARCH = {
+    "mistral": "llama",
+    "mixtral": "llama",
+    "gemma3_text": "gemma3",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+    "ministral3": "mistral3",
+    "gpt_oss": "gpt-oss",
+}
+
+
+def gguf_arch(model_type: str) -> str:
+    """The GGUF architecture name llama.cpp uses for a Hugging Face ``model_type``."""
+    return _GGUF_ARCH.get(model_type, model_type)
 
 
 class ExportError(Exception):
@@ -64,14 +82,17 @@ def lora_state(peft_model) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def export_lora_gguf(peft_model, path: str | os.PathLike[str], *, arch: str | None = None,
-                     permute_qk: bool = True) -> Path:
+                     permute_qk: bool | None = None) -> Path:
     """Write ``path`` (llama.cpp LoRA GGUF) from a PEFT model; returns the path.
 
-    ``permute_qk=False`` skips the rotary row permutation (only for tests that show it matters)."""
+    ``arch``: the base GGUF's ``general.architecture`` (default: derived from the HF
+    ``model_type``). ``permute_qk``: None (default) permutes the q/k rows where the converter
+    does (the architecture decides); True/False force it on/off (only for tests that show it
+    matters)."""
     import gguf
 
     cfg = peft_model.get_base_model().config
-    arch = arch or cfg.model_type
+    arch = arch or gguf_arch(cfg.model_type)
     try:
         model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     except StopIteration:
@@ -81,6 +102,7 @@ def export_lora_gguf(peft_model, path: str | os.PathLike[str], *, arch: str | No
     tensors, alpha, r = lora_state(peft_model)
     n_head = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head)
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -95,11 +117,15 @@ def export_lora_gguf(peft_model, path: str | os.PathLike[str], *, arch: str | No
         if gg is None:
             raise ExportError(f"no llama.cpp tensor name for {hf_name!r} (architecture {arch!r})")
         b_np = b.numpy()
-        if permute_qk and arch in _PERMUTE_QK:
+        if (arch in _PERMUTE_QK) if permute_qk is None else permute_qk:
             if hf_name.endswith("q_proj.weight"):
                 b_np = _permute_rows(b_np, n_head)
             elif hf_name.endswith("k_proj.weight"):
                 b_np = _permute_rows(b_np, n_kv)
+            elif hf_name.endswith("qkv_proj.weight"):  # fused q|k|v rows (Phi-3 style)
+                nq, nk = n_head * head_dim, n_kv * head_dim
+                b_np = np.concatenate([_permute_rows(b_np[:nq], n_head), _permute_rows(b_np[nq:nq + nk], n_kv),
+                                       b_np[nq + nk:]])
         w.add_tensor(f"{gg}.lora_a", np.ascontiguousarray(a.numpy(), dtype=np.float32))
         w.add_tensor(f"{gg}.lora_b", np.ascontiguousarray(b_np, dtype=np.float32))
     w.write_header_to_file()

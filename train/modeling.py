@@ -3,11 +3,12 @@
 ``--model`` may be
 
 * a local ``FILE.gguf`` (the default: the model recorded in the trees, when it is a local
-  GGUF). transformers dequantizes it, but the loaded model keeps a GGUF quantizer marker that
-  ``Trainer`` and ``save_pretrained`` refuse, so it is converted **once** into a plain
-  safetensors directory cached under ``$STEER_CACHE`` (default
-  ``platformdirs.user_cache_dir("steer-tui")``)``/models/<sha256 of the GGUF>`` and every run
-  loads from there (well under a second instead of ~15 s);
+  GGUF). It is dequantized and converted **once** into a plain safetensors directory cached
+  under ``$STEER_CACHE`` (default ``platformdirs.user_cache_dir("steer-tui")``)
+  ``/models/<sha256 of the GGUF>`` and every run loads from there. The conversion
+  (``train.gguf_model``) rebuilds the config from what llama.cpp reads for the architecture
+  (rope scaling, attention scale, sliding windows, soft-capping, norm offsets...) so the
+  training model computes what llama.cpp computes, or refuses the GGUF by name;
 * a local Hugging Face model directory;
 * a Hugging Face id, only if it is already in the local HF cache: nothing is ever downloaded
   (``local_files_only=True``).
@@ -140,11 +141,9 @@ def cache_root() -> Path:
 
 def gguf_architecture(path: str | os.PathLike[str]) -> str:
     """``general.architecture`` of a GGUF file (e.g. ``"llama"``)."""
-    from gguf import GGUFReader
+    from train.gguf_model import read_meta
 
-    reader = GGUFReader(str(path))
-    field = reader.fields["general.architecture"]
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
+    return read_meta(path).arch
 
 
 @contextlib.contextmanager
@@ -167,71 +166,112 @@ def converted_dir(source: ModelSource) -> Path:
 
 
 def convert_gguf(source: ModelSource) -> Path:
-    """Dequantize ``source`` once into a cached safetensors model+tokenizer directory; return it.
+    """Convert ``source`` once into a cached safetensors model+tokenizer directory; return it.
 
-    Concurrent callers (DDP ranks) serialize on a lock; the directory appears atomically
-    (written under a temp name, then renamed)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    The config is rebuilt from what llama.cpp reads for the architecture (``train.gguf_model``):
+    every feature that changes the computation is restored or the GGUF is refused with a
+    ModelError naming the architecture and the feature. Concurrent callers (DDP ranks)
+    serialize on a lock; the directory appears atomically (written under a temp name, then
+    renamed). A conversion made by an older loader version is redone."""
+    from train import gguf_model as G
 
     target = converted_dir(source)
-    if (target / SOURCE_FILE).is_file():
+    if _fresh(target):
         return target
     with _file_lock(target.parent / f"{source.sha256}.lock"):
-        if (target / SOURCE_FILE).is_file():
+        if _fresh(target):
             return target
         gguf = Path(source.path)
         log.info("converting %s to a cached safetensors model in %s (once)", gguf, target)
         try:
-            from transformers import GgufConfig
-
-            extra: dict[str, Any] = {"quantization_config": GgufConfig(dequantize=True)}
-        except ImportError:  # older transformers dequantize unconditionally
-            extra = {}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **extra
-            )
+            meta = G.read_meta(gguf)
+            plan = G.build_config(meta)
+        except G.Unsupported as exc:
+            raise ModelError(f"cannot train {gguf.name}: {exc}") from None
         except Exception as exc:
-            raise ModelError(f"cannot load GGUF {str(gguf)!r} with transformers: {exc}") from exc
-        _drop_quantizer(model)
+            raise ModelError(f"cannot read GGUF {str(gguf)!r}: {exc}") from exc
         tmp = Path(tempfile.mkdtemp(prefix=f".{source.sha256}.", dir=target.parent))
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            meta = {
+            try:
+                G.write_hf_model(meta, plan, tmp)
+            except G.Unsupported as exc:
+                raise ModelError(f"cannot train {gguf.name}: {exc}") from None
+            _save_gguf_tokenizer(gguf, tmp)
+            info = {
                 "gguf_path": str(gguf),
                 "gguf_sha256": source.sha256,
-                "architecture": gguf_architecture(gguf),
+                "architecture": meta.arch,
+                "file_type": meta.file_type(),
+                "loader": G.LOADER_VERSION,
+                "restored": plan.notes,
+                "weight_types": plan.weight_types,
             }
-            (tmp / SOURCE_FILE).write_text(json.dumps(meta, indent=2))
+            (tmp / SOURCE_FILE).write_text(json.dumps(info, indent=2))
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        for note in plan.notes:
+            log.info("%s: %s", gguf.name, note)
         return target
 
 
-def _drop_quantizer(model) -> None:
-    """Remove the GGUF quantizer marker from a dequantized model (weights are plain tensors)."""
-    import torch
+def _fresh(target: Path) -> bool:
+    from train.gguf_model import LOADER_VERSION
 
-    for name, mod in model.named_modules():
-        if type(mod).__name__.lower().startswith("gguf"):
-            raise ModelError(f"GGUF module {name} kept packed weights; cannot train it")
-    for name, p in model.named_parameters():
-        if not p.is_floating_point() and p.dtype != torch.bool:
-            raise ModelError(f"parameter {name} is not floating point after GGUF load ({p.dtype})")
-    model.hf_quantizer = None
-    for attr in ("is_quantized", "quantization_method"):
-        if attr in model.__dict__:
-            delattr(model, attr)
-    if hasattr(model.config, "quantization_config"):
-        with contextlib.suppress(AttributeError):
-            delattr(model.config, "quantization_config")
+    f = target / SOURCE_FILE
+    if not f.is_file():
+        return False
+    try:
+        return json.loads(f.read_text()).get("loader") == LOADER_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def _save_gguf_tokenizer(gguf: Path, out: Path) -> None:
+    """transformers' tokenizer from the GGUF, saved beside the model (a warning if it cannot be
+    built: training works on the trees' token ids). Building it takes seconds for a large
+    vocabulary, so it is cached by the digest of the GGUF's tokenizer metadata (several
+    quantisations of one model share it); the chat template is written from each GGUF."""
+    from train.gguf_model import read_meta
+
+    try:
+        key = _tokenizer_digest(gguf)
+        cached = cache_root() / "tokenizers" / key
+        if not (cached / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=_mkdir(cached.parent)))
+            tokenizer.save_pretrained(tmp)
+            try:
+                os.replace(tmp, cached)
+            except OSError:  # another process won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+        for f in cached.iterdir():
+            if f.name != "chat_template.jinja":
+                shutil.copy(f, out / f.name)
+        template = read_meta(gguf).kv.get("tokenizer.chat_template")
+        if isinstance(template, str) and template:  # not part of the cache key: written per GGUF
+            (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+    except Exception as exc:
+        log.warning("no tokenizer from %s (%s); training uses the trees' token ids", gguf.name, exc)
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _tokenizer_digest(gguf: Path) -> str:
+    """sha256 over the GGUF's ``tokenizer.*`` metadata and the transformers version."""
+    import transformers
+
+    from train.gguf_model import read_meta
+
+    return read_meta(gguf).tokenizer_digest(transformers.__version__)
 
 
 def source_metadata(model_dir: str | os.PathLike[str]) -> dict:
@@ -266,13 +306,27 @@ def load_model(
         log.warning("no tokenizer in %s (%s); using the trees' token ids as they are", where, exc)
         tokenizer = None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(where), dtype=dtype or torch.float32, use_safetensors=True, **kw
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(where), dtype=dtype or torch.float32, use_safetensors=True, output_loading_info=True, **kw
         )
     except Exception as exc:
         hint = " (pass --trust-remote-code if you trust this model's code)" if "trust_remote_code" in str(exc) else ""
         raise ModelError(f"cannot load model {source.path!r}: {exc}{hint}") from exc
+    check_loading_info(info, source.path)
     return model, tokenizer, where
+
+
+def check_loading_info(info: dict, what: str) -> None:
+    """A weight the checkpoint does not provide would keep its random initialisation: error."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in (info.get("mismatched_keys") or ()))
+    if missing or mismatched:
+        bad = missing + mismatched
+        raise ModelError(
+            f"model {what!r}: {len(bad)} weight(s) "
+            + ("missing from the checkpoint" if missing else "with the wrong shape")
+            + f" would stay randomly initialised ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); "
+            "refusing to train a partly random model")
 
 
 # ---------------------------------------------------------------------------- LoRA targets

@@ -663,10 +663,13 @@ def memory_check(trainer: SteerTrainer, tasks: Sequence[TaskExample]) -> dict[st
             "available": est.available, "device": est.device}
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """The whole ``steer-train`` run: data -> model -> LoRA -> train -> eval -> outputs.
+def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dict[str, Any]:
+    """The whole ``steer-train`` run: data -> model -> (check vs llama.cpp) -> LoRA -> train ->
+    eval -> outputs.
 
-    Returns the metrics dict that is also written to ``<out>/metrics.json``."""
+    Returns the metrics dict that is also written to ``<out>/metrics.json``. A GGUF model is
+    first compared with llama.cpp (``train.check.pretraining_check``): ModelMismatch unless
+    ``allow_model_mismatch``."""
     import json
     import os
     import time
@@ -688,6 +691,12 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     rep = D.load_trees(cfg.data)
     source = resolve_model(cfg.model, D.tree_models(rep.trees))
     model, tokenizer, where = load_model(source, dtype=weights_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
+    model_check = None
+    if source.kind == "gguf" and _is_main():
+        from train.check import pretraining_check
+
+        model_check = pretraining_check(model, source.path, source_metadata(where),
+                                        allow_mismatch=allow_model_mismatch).to_dict()
     vocab = D.VocabCheck(tokenizer=tokenizer, model_sha256=source.sha256,
                          vocab_sha256=vocab_sha256_from_pieces(token_pieces(tokenizer)) if tokenizer else None)
     opts = D.DataOptions(model_token_weight=cfg.model_token_weight, accepted_weight=cfg.accepted_weight,
@@ -719,7 +728,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                                 token_budget=cfg.token_budget, reference_scores=before_scores) if eval_tasks else None
     meta = source_metadata(where) if source.kind == "gguf" else {}
     metrics: dict[str, Any] = {
-        "model": {"source": source.path, "kind": source.kind, "sha256": source.sha256, "loaded_from": str(where)},
+        "model": {"source": source.path, "kind": source.kind, "sha256": source.sha256, "loaded_from": str(where),
+                  "check": model_check},
         "data": ds.summary(),
         "bad_files": ds.errors,
         "config": cfg.to_dict(),
