@@ -135,8 +135,9 @@ def check_store(store: str | None) -> list[Check]:
     probe_dir = root
     while not probe_dir.exists() and probe_dir.parent != probe_dir:
         probe_dir = probe_dir.parent
-    if root.exists() and not root.is_dir():
-        return out + [Check(s, "writable", f"{root} is a file, not a directory", True, "pass --store DIR with a directory")]
+    if probe_dir.exists() and not probe_dir.is_dir():
+        what = f"{root} is a file, not a directory" if probe_dir == root else f"{probe_dir} is a file, so {root} cannot be created"
+        return out + [Check(s, "writable", what, True, "pass --store DIR with a directory path")]
     try:
         fd, name = tempfile.mkstemp(prefix=".steer-doctor-", dir=probe_dir)
         os.close(fd)

@@ -29,11 +29,21 @@ def test_doctor_exit_code_with_a_broken_store(tmp_path):
     not_a_dir.write_text("x")
     proc = run_cli("doctor", "--store", str(not_a_dir / "store"), "--extra-bufts", "off", timeout=180)
     assert proc.returncode == 1
-    assert "writable            PROBLEM no:" in proc.stdout
-    assert "fix: make" in proc.stdout and "or pass --store DIR" in proc.stdout
+    assert f"writable            PROBLEM {not_a_dir} is a file, so {not_a_dir / 'store'} cannot be created" in proc.stdout
+    assert "fix: pass --store DIR with a directory path" in proc.stdout
     assert "1 problem found" in proc.stdout
     proc = run_cli("doctor", "--store", str(not_a_dir), "--extra-bufts", "off", timeout=180)
     assert proc.returncode == 1 and "is a file, not a directory" in proc.stdout
+
+
+def test_an_unwritable_store_is_a_problem(tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(doctor.tempfile, "mkstemp", refuse)  # as root every directory is writable
+    (check,) = [c for c in doctor.check_store(str(tmp_path)) if c.label == "writable"]
+    assert check.problem and check.value == f"no: Permission denied ({tmp_path})"
+    assert check.fix == f"make {tmp_path} writable for this user, or pass --store DIR"
 
 
 def test_missing_model_is_a_problem_with_a_fix(tmp_path):
