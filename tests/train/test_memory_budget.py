@@ -187,9 +187,10 @@ def test_estimate_against_a_measured_peak(tmp_path):
     peak RSS during the step minus its RSS just before (weights, reference cache already
     there); estimated: what `estimate_memory` says is still to be allocated. The estimate
     counts live tensors; RSS also holds what the allocator keeps after frees and the autograd
-    engine's first-use buffers, so the measured figure sits somewhat above (1.27x when this
-    test was written); a factor of 2 either way is the bound: a model that missed the
-    attention scores or the head's chunks would be off by more (they are ~2/3 of it)."""
+    engine's first-use buffers, so the measured figure sits above it by an amount that
+    depends on the heap's state: 1.21-1.42x run alone, 2.31x once inside the full suite on a
+    loaded 2-core machine. The bound is 0.5-3.0x: an estimate that missed the attention
+    scores or the head's chunks (~2/3 of it) would read >= 3.8x."""
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", WORKER, "1024", str(tmp_path)], env=env, capture_output=True,
                           text=True, timeout=400)
@@ -197,7 +198,7 @@ def test_estimate_against_a_measured_peak(tmp_path):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     ratio = got["measured"] / got["estimate"]
     print(f"estimate {got['estimate'] / 2**20:.0f} MiB, measured {got['measured'] / 2**20:.0f} MiB, ratio {ratio:.2f}")
-    assert 0.5 <= ratio <= 2.0
+    assert 0.5 <= ratio <= 3.0
 
 
 def test_estimate_grows_with_the_budget_and_checkpointing_shrinks_it():
