@@ -260,14 +260,21 @@ def kill_chain(
             rep.corrupt += 1
             rep.problems.append(f"kill {k}: file is neither the last completed save nor a later one (sha {sha[:12]})")
         by_id = {n.id: n for n in tree.nodes}
-        rep.steers_checked += len(last_snapshot["steers"])
-        for sid, (replaces, crc) in last_snapshot["steers"].items():
+        # the steers of the save the file holds: the last completed one, or a later one whose
+        # rename landed before the kill but whose END was never printed; that later save may
+        # rightly lack a steer the user undid after the last completed save
+        snapshot = begun.get(sha, last_snapshot)
+        which = "the last completed save" if sha == last_end else "a later save that landed before the kill"
+        rep.steers_checked += len(snapshot["steers"])
+        for sid, (replaces, crc) in snapshot["steers"].items():
             n = by_id.get(sid)
             # a later rollback inside the correction splits it (tree.split): its tokens then
             # continue in a tail node (split_from), which original_tokens() follows
             if n is None or n.replaces != replaces or _crc(tree.original_tokens(sid)) != crc:
                 rep.lost_steers += 1
-                rep.problems.append(f"kill {k}: steer {sid} of a completed save is missing or changed")
+                what = ("missing" if n is None else f"replacing {n.replaces!r}, saved as replacing {replaces!r}"
+                        if n.replaces != replaces else f"holding other tokens {tree.original_tokens(sid)[:12]}")
+                rep.problems.append(f"kill {k}: steer {sid} of {which} is {what} (file {path})")
         if len(tree.nodes) < last_snapshot["nodes"]:  # nodes are never deleted
             rep.lost_nodes += last_snapshot["nodes"] - len(tree.nodes)
             rep.corrupt += 1
