@@ -2,8 +2,8 @@
 
 Each finding is a :class:`Check`: a section, a label, what was found, and for a problem the
 fix. A self-test loads the model in a child process and streams a few tokens, so a llama.cpp
-crash is reported rather than suffered. No textual, no torch import unless the train extra is
-installed (then torch is asked about CUDA and bf16).
+crash is reported rather than suffered. No textual, no torch: when the train extra is installed, a child
+interpreter is asked about CUDA and bf16.
 """
 
 from __future__ import annotations
@@ -167,14 +167,26 @@ def check_train() -> list[Check]:
     for dist in ("transformers", "peft", "accelerate", "gguf"):
         out.append(Check(s, dist, _version(dist) or "not installed", _version(dist) is None,
                          "pip install 'steer[train]'" if _version(dist) is None else ""))
+    # asked in a child interpreter: steer_tui never imports torch, and a broken torch
+    # install is reported, not suffered
+    import json
+    import subprocess
+
+    code = ("import json, torch; c = torch.cuda.is_available(); print(json.dumps({'cuda': c, 'version': torch.version.cuda, "
+            "'names': [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if c else [], "
+            "'bf16': bool(c and torch.cuda.is_bf16_supported())}))")
     try:
-        import torch
-    except ImportError as exc:  # a broken install
-        return out + [Check(s, "torch import", str(exc), True, "reinstall torch")]
-    if torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        out.append(Check(s, "cuda", f"{torch.version.cuda}: {', '.join(names)}"))
-        out.append(Check(s, "bf16", "yes" if torch.cuda.is_bf16_supported() else "no (fp16/fp32 only)"))
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+        info = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        proc, info = None, None
+    if info is None:
+        why = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200] if proc is not None else "did not answer"
+        return out + [Check(s, "torch import", why, True, "reinstall torch (pip install --force-reinstall 'steer[train]')")]
+    if info["cuda"]:
+        out.append(Check(s, "cuda", f"{info['version']}: {', '.join(info['names'])}"))
+        out.append(Check(s, "bf16", "yes" if info["bf16"] else "no (fp16/fp32 only)"))
     else:
         out.append(Check(s, "cuda", "not available (training runs on the CPU)"))
     return out

@@ -72,3 +72,14 @@ def test_bad_setting_is_one_clear_line(tmp_path):
     cfg.write_text('extra_bufts = "fast"\n')
     proc = run_cli("doctor", "--store", str(tmp_path), env={"STEER_CONFIG": str(cfg)})
     assert proc.returncode == 2 and f"config file {str(cfg)!r}: extra_bufts: must be one of" in proc.stderr
+
+
+def test_doctor_asks_about_torch_without_importing_it():
+    """steer_tui never imports torch: the training section asks a child interpreter."""
+    import subprocess
+
+    code = ("import sys; from steer_tui.core import doctor; cs = doctor.check_train(); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print([c.label for c in cs])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "'cuda'" in proc.stdout  # the dev install has the train extra
