@@ -182,11 +182,12 @@ class ProbeResult:
     seconds: float
 
 
-def signal_name(returncode: int) -> str:
+def signal_name(sig: int) -> str:
+    """``SIGSEGV`` for 11; a number the platform does not name stays a number."""
     try:
-        return signal.Signals(-returncode).name
+        return signal.Signals(sig).name
     except ValueError:
-        return f"signal {-returncode}"
+        return f"signal {sig}"
 
 
 def probe_command(model: str | os.PathLike[str], extra_bufts: bool = True) -> list[str]:
@@ -214,7 +215,7 @@ def run_probe(
         return ProbeResult(False, f"could not start: {exc}", time.monotonic() - t0)
     dt = time.monotonic() - t0
     if proc.returncode < 0:
-        return ProbeResult(False, f"llama.cpp crashed with {signal_name(proc.returncode)}", dt)
+        return ProbeResult(False, f"llama.cpp crashed with {signal_name(-proc.returncode)}", dt)
     if proc.returncode != 0 or PROBE_OK not in proc.stdout:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return ProbeResult(False, f"exit code {proc.returncode}: {tail[:200]}", dt)

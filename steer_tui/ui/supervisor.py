@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from steer_tui.core.llama_load import signal_name
+
 CHILD_ENV = "STEER_SUPERVISED"
 """Set in the child's environment: the child runs the app itself."""
 
@@ -84,13 +86,6 @@ def _restore_tty(fd: int, attrs) -> None:
         os.write(fd, TERMINAL_RESET.encode())
     except OSError:
         pass
-
-
-def signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
 
 
 def crash_message(sig: int, store: str | None) -> str:
