@@ -518,6 +518,11 @@ class _HeadTap:
         with torch.no_grad():
             want = self.head.logits(self.hidden[..., :1, :])
             got = logits[..., :1, :].float()
+        if not torch.isfinite(got).all():
+            # a NaN/inf step says nothing about the head; the trainer's finite check stops the
+            # run. Falling back here would forward once more on this rank alone, and under DDP
+            # that extra forward's buffer broadcast waits forever for the other ranks.
+            return
         if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-3):
             raise _Unfusable("the model transforms the output layer's logits")
 

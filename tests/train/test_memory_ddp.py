@@ -1,5 +1,6 @@
 """DDP on the CPU (gloo, 2 processes): reference log-probs computed once, split across ranks;
-a rank whose batch is empty does not hang the others (under a collective timeout)."""
+a rank whose batch is empty does not hang the others (under a collective timeout); a loss that
+is NaN on one rank only stops every rank (none goes on to a backward the other never joins)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,21 @@ def _worker(rank: int, world: int, port: int, out_dir: str, what: str) -> None:
         cache = ReferenceCache()
         cache.fill(model, tasks, cfg, True, True, shard=True)
         res = {"computed": cache.computed, "vals": {repr(k): v.tolist() for k, v in cache.logps.items()}}
+    elif what == "nan":  # rank 1's LoRA weights become NaN after DDP's broadcast: its loss alone is NaN
+        from train.trainer import NonFiniteLoss
+
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        trainer = SteerTrainer(model=ddp.module, args=training_arguments(cfg, Path(out_dir) / str(rank)),
+                               train_dataset=TaskDataset(tasks), steer_config=cfg)
+        trainer.prepare_reference(tasks)
+        if rank == 1:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+        try:
+            loss = trainer.compute_loss(ddp, {"tasks": tasks[rank * 2:rank * 2 + 2]})
+            res = {"raised": None, "loss": float(loss)}
+        except NonFiniteLoss as exc:
+            res = {"raised": str(exc)}
     else:  # rank 1 gets no tasks at all
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         trainer = SteerTrainer(model=ddp.module, args=training_arguments(cfg, Path(out_dir) / str(rank)),
@@ -101,3 +117,11 @@ def test_a_rank_with_an_empty_batch_does_not_hang(tmp_path):
     assert r1["loss"] == 0.0
     assert r0["grad"] > 0 and r1["grad"] > 0  # DDP averaged rank 0's gradient into rank 1's
     assert r0["grad"] == pytest.approx(r1["grad"], rel=1e-6)
+
+
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    """The finite check all-reduces a "bad" flag: rank 0's own loss is finite, yet it must stop
+    too, or it would wait forever in backward for a gradient rank 1 never sends."""
+    r0, r1 = _spawn(tmp_path, "nan")
+    assert r1["raised"] and "loss became nan" in r1["raised"], r1
+    assert r0["raised"] and "stopping" in r0["raised"], r0  # rank 0 saw a finite loss, stopped anyway
