@@ -31,7 +31,7 @@ tools:
 		(apt-get update -qq >/dev/null 2>&1; apt-get install -y -qq tmux >/dev/null 2>&1) || \
 		echo "note: tmux not found; the tmux end-to-end test will be skipped"; }
 
-# what CI runs: every test except those marked slow (the crash tests kill ~30 times)
+# what CI runs: every test except those marked slow (the crash tests kill 100 times, not 200)
 test: $(VENV)/.dev-installed tools
 	$(BIN)/python -m pytest -q $(ARGS)
 

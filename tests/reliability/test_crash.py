@@ -1,6 +1,7 @@
 """Crash safety: scripted sessions SIGKILLed at random moments never lose a completed save.
 
-The default run kills ~30 times (FakeEngine Session, the Textual app, the real model);
+The default run (CI) kills 100 times (FakeEngine Session, the Textual app, the real model;
+about 2 minutes on 2 cores);
 ``--runslow`` or ``STEER_FAULT_KILLS=N`` runs N (>= 200 with --runslow). ``bench/faults.py``
 runs the same harness and writes the counts to bench/out/faults.json.
 """
@@ -37,7 +38,7 @@ def _check(rep: FaultReport) -> None:
 
 @pytest.fixture(scope="module")
 def split(request) -> dict[str, int]:
-    return _split(fault_kills(30, request.config))
+    return _split(fault_kills(100, request.config))
 
 
 def test_kill_session_on_fake_engine(tmp_path, split):

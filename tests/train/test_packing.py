@@ -399,8 +399,7 @@ def test_no_position_ids_refused():
 # --------------------------------------------------------------------------- flex / real model
 
 
-@pytest.mark.slow
-def test_flex_attention_block_mask_forward():
+def test_flex_attention_block_mask_forward():  # ~8 s: it left the slow set for CI
     """The BlockMask path, forward only: FlexAttention has no CPU backward; the GPU path
     (forward + backward) is not exercised in CI."""
     m = tiny_llama(attn="flex_attention")
