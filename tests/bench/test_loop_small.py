@@ -52,6 +52,34 @@ def test_guard_bounds():
     assert not worse_only.ok(0.0, 0.2)
 
 
+def test_compare_by_hand():
+    """The verdict arithmetic on made-up measurements (the quick end-to-end run below trains 2
+    steps, so its base and tuned rates are often equal and cannot tell a wrong formula)."""
+    loop = _loop()
+
+    def side(steers, tokens, by_rule, mean_tokens, rep4, nll, ppl):
+        return {"steers_per_1k_tokens": 1000 * steers / tokens, "steers": steers, "model_tokens": tokens,
+                "by_rule": by_rule, "guards": {"mean_tokens": mean_tokens, "rep4": rep4, "base_nll": nll,
+                                                "neutral_ppl": ppl, "eos_share": 0.5}}
+
+    base = side(8, 400, {"a": 6, "b": 2}, 100.0, 0.02, 2.0, 20.0)
+    tuned = side(3, 500, {"a": 3}, 110.0, 0.025, 2.1, 21.0)
+    c = loop.compare(base, tuned, None, target_drop=0.5)
+    sr = c["steer_rate"]
+    assert sr["base"] == pytest.approx(20.0) and sr["tuned"] == pytest.approx(6.0)
+    assert sr["drop"] == pytest.approx(0.7) and sr["ok"] is True  # 1 - 6/20
+    assert c["per_rule"]["a"] == pytest.approx({"base": 15.0, "tuned": 6.0})
+    assert c["per_rule"]["b"] == pytest.approx({"base": 5.0, "tuned": 0.0})
+    assert c["guards"]["mean_tokens"]["ratio"] == pytest.approx(1.1) and c["pass"] is True
+    # a tuned model that writes 30% longer answers fails its guard, and the whole comparison
+    longer = side(3, 500, {"a": 3}, 130.0, 0.025, 2.1, 21.0)
+    c = loop.compare(base, longer, None, target_drop=0.5)
+    assert c["guards"]["mean_tokens"]["ok"] is False and c["pass"] is False
+    # a drop below the target fails even with every guard fine
+    c = loop.compare(base, side(6, 400, {"a": 6}, 100.0, 0.02, 2.0, 20.0), None, target_drop=0.5)
+    assert sr["ok"] is True and c["steer_rate"]["drop"] == pytest.approx(0.25) and c["pass"] is False
+
+
 def test_quick_loop_end_to_end(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
     pytest.importorskip("peft")
