@@ -168,6 +168,10 @@ class SteerTree:
         for n in self.nodes:
             self._by_id[n.id] = n
             self._children.setdefault(n.parent, []).append(n)
+            if n.extra.get("split_from") not in (None, n.parent):
+                # a split tail continues its parent; files written before split() kept this
+                # up to date name an earlier head here, which would cut the tail chain
+                n.extra["split_from"] = n.parent
         self._next = 1 + max((_id_number(i) for i in self._by_id), default=0)
 
     # -- queries --------------------------------------------------------------------------
@@ -348,6 +352,8 @@ class SteerTree:
         old_children = self._children.pop(node.id, [])
         for c in old_children:
             c.parent = tail.id
+            if "split_from" in c.extra:  # an earlier tail of this node now continues the new tail
+                c.extra["split_from"] = tail.id
         self._children[tail.id] = old_children
         # the tail node goes right after the head so file order stays readable
         self.nodes.insert(self.nodes.index(node) + 1, tail)

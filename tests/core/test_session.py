@@ -487,3 +487,21 @@ def test_rollback_between_the_bytes_of_one_character_keeps_whole_characters(stor
         s.rollback(n - 2)  # between the emoji's bytes
         assert s.response_text == "ab "
         assert len(s.response_tokens) == n - 4
+
+
+def test_undo_after_two_rollbacks_into_one_node_returns_to_the_whole_original(store_dir, engine):
+    """Steer inside a model node, then roll back to an earlier token of the same node and steer
+    again: undoing the second steer restores everything the model had written (the first tail
+    now hangs under the second; a stale ``split_from`` used to stop the walk there)."""
+    with new(store_dir, engine) as s:
+        list(s.generate(max_tokens=10))
+        original = list(s.response_tokens)
+        s.rollback(6)
+        s.correct(" first")
+        s.rollback(2)
+        s.correct(" second")
+        s.undo()
+        assert s.response_tokens == original
+        again = saved(s)
+        (model_head,) = [n for n in again.nodes if n.parent is None]
+        assert again.original_tokens(model_head.id) == original

@@ -240,3 +240,40 @@ def test_random_operations_keep_tree_valid(seq):
         for s in steers:
             assert s.prefix == t.prompt_tokens + t.path_tokens(s.node.parent)
             assert s.rejected[: len(s.replaced.tokens)] == s.replaced.tokens
+
+
+def test_a_second_earlier_split_keeps_the_tail_chain():
+    """Roll back inside a node, steer, then roll back inside the same node at an earlier token:
+    the first tail now hangs under the second tail, so its ``split_from`` must name that tail.
+    It used to keep naming the head, which cut ``original_tokens`` (the rejected side of the
+    second steer, and where undo returns) at the second tail."""
+    t = make_tree()
+    a = model_node(t, None, [10, 11, 12, 13, 14], end="eos")
+    t1 = t.split(a.id, 3, "klm", "no")
+    h1 = human_node(t, a.id, [30], replaces=t1.id)
+    t2 = t.split(a.id, 1, "k", "lm")
+    h2 = human_node(t, a.id, [31, 32], replaces=t2.id)
+    assert t1.parent == t2.id and t1.extra["split_from"] == t2.id
+    assert t.original_tokens(a.id) == [10, 11, 12, 13, 14]
+    assert t.original_tokens(t2.id) == [11, 12, 13, 14]
+    steers = {s.node.id: s for s in t.steers()}
+    assert steers[h2.id].rejected == [11, 12, 13, 14]  # the whole cut continuation (was [11, 12])
+    assert steers[h1.id].prefix[-3:] == [10, 11, 12] and steers[h1.id].rejected == [13, 14]
+    again = SteerTree.from_dict(json.loads(dumps_tree(t)))
+    assert again.original_tokens(a.id) == [10, 11, 12, 13, 14]
+
+
+def test_a_file_with_the_old_stale_split_from_still_reads_whole():
+    """Files written before that fix hold a tail whose ``split_from`` names its grandparent;
+    loading repairs it (a split tail is always its head's child)."""
+    t = make_tree()
+    a = model_node(t, None, [10, 11, 12, 13, 14], end="eos")
+    t1 = t.split(a.id, 3, "klm", "no")
+    t2 = t.split(a.id, 1, "k", "lm")
+    d = json.loads(dumps_tree(t))
+    for n in d["nodes"]:
+        if n["id"] == t1.id:
+            n["split_from"] = a.id  # as the old code left it
+    old = SteerTree.from_dict(d)
+    assert old.original_tokens(a.id) == [10, 11, 12, 13, 14]
+    assert old.node(t1.id).extra["split_from"] == t2.id

@@ -6,7 +6,8 @@ SIGKILL after a random delay, and after every kill checks the task file:
 - it loads and passes validation (``load_tree``);
 - its bytes are exactly the last save that completed (an ``END`` line was read) or one that
   had begun after it (``BEGIN``): the previous or the new complete file, never a torn one;
-- it holds every steer (id, replaced node, token ids) of the last completed save.
+- it holds every steer (id, replaced node, token ids) of the last completed save, unchanged
+  (a saved steer never changes), and of the later save it holds, if any.
 
 The next run opens the same task, so each kill also checks that a killed session's lock
 does not block the next one, and that the position restored from the file is usable.
@@ -260,21 +261,23 @@ def kill_chain(
             rep.corrupt += 1
             rep.problems.append(f"kill {k}: file is neither the last completed save nor a later one (sha {sha[:12]})")
         by_id = {n.id: n for n in tree.nodes}
-        # the steers of the save the file holds: the last completed one, or a later one whose
-        # rename landed before the kill but whose END was never printed; that later save may
-        # rightly lack a steer the user undid after the last completed save
-        snapshot = begun.get(sha, last_snapshot)
-        which = "the last completed save" if sha == last_end else "a later save that landed before the kill"
-        rep.steers_checked += len(snapshot["steers"])
-        for sid, (replaces, crc) in snapshot["steers"].items():
-            n = by_id.get(sid)
-            # a later rollback inside the correction splits it (tree.split): its tokens then
-            # continue in a tail node (split_from), which original_tokens() follows
-            if n is None or n.replaces != replaces or _crc(tree.original_tokens(sid)) != crc:
-                rep.lost_steers += 1
-                what = ("missing" if n is None else f"replacing {n.replaces!r}, saved as replacing {replaces!r}"
-                        if n.replaces != replaces else f"holding other tokens {tree.original_tokens(sid)[:12]}")
-                rep.problems.append(f"kill {k}: steer {sid} of {which} is {what} (file {path})")
+        # Once saved, a steer never changes: nodes are never deleted, a rollback inside one
+        # splits it into a head and tail parts (split_from) that original_tokens() joins back,
+        # and undo only marks it discarded. So every steer of the last completed save must be
+        # in the file as it was, whichever save the file holds; and a later save whose rename
+        # landed before the kill (its END never printed) must hold its own steers too.
+        checks = [("the last completed save", last_snapshot)]
+        if sha != last_end and sha in begun:
+            checks.append(("the later save the file holds", begun[sha]))
+        for which, snap in checks:
+            rep.steers_checked += len(snap["steers"])
+            for sid, (replaces, crc) in snap["steers"].items():
+                n = by_id.get(sid)
+                if n is None or n.replaces != replaces or _crc(tree.original_tokens(sid)) != crc:
+                    rep.lost_steers += 1
+                    what = ("missing" if n is None else f"replacing {n.replaces!r}, saved as replacing {replaces!r}"
+                            if n.replaces != replaces else f"holding other tokens {tree.original_tokens(sid)[:12]}")
+                    rep.problems.append(f"kill {k}: steer {sid} of {which} is {what} (file {path})")
         if len(tree.nodes) < last_snapshot["nodes"]:  # nodes are never deleted
             rep.lost_nodes += last_snapshot["nodes"] - len(tree.nodes)
             rep.corrupt += 1
