@@ -518,7 +518,8 @@ class _HeadTap:
         with torch.no_grad():
             want = self.head.logits(self.hidden[..., :1, :])
             got = logits[..., :1, :].float()
-        if not torch.isfinite(got).all():
+            finite = bool(torch.isfinite(got).all())
+        if not finite:
             # a NaN/inf step says nothing about the head; the trainer's finite check stops the
             # run. Falling back here would forward once more on this rank alone, and under DDP
             # that extra forward's buffer broadcast waits forever for the other ranks.
