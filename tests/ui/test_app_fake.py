@@ -9,7 +9,8 @@ from textual.widgets import DataTable, OptionList, Tree
 
 from steer_tui.core.store import StoreError
 from steer_tui.core.tasks import load_task_queue
-from steer_tui.ui.app import SessionFactory, make_app
+from steer_tui.ui.app import make_app
+from steer_tui.ui.session_factory import SessionFactory
 from steer_tui.ui.screens.alternatives import AlternativesScreen
 from steer_tui.ui.screens.help import HelpScreen
 from steer_tui.ui.screens.picker import PickerScreen
@@ -343,14 +344,14 @@ class RetrySpy:
     any moment when a second one is armed while one is still pending."""
 
     def __init__(self, scr) -> None:
-        from steer_tui.ui.screens.session import SessionScreen
+        from steer_tui.ui.screens.saving import SaveKeeper
 
         self.armed = self.fired = 0
         self.piled_up: list[int] = []
         real_set_timer = scr.set_timer
 
         def set_timer(delay, callback=None, *args, **kwargs):
-            if getattr(callback, "__func__", None) is SessionScreen._retry_save:
+            if getattr(callback, "__func__", None) is SaveKeeper.retry:
                 if self.armed > self.fired:
                     self.piled_up.append(self.armed - self.fired + 1)
                 self.armed += 1
@@ -404,7 +405,7 @@ async def test_save_failure_keeps_data_and_the_timer_retries(app_for, store, mon
         state["fail"] = False
         await wait_for(pilot, lambda: scr.status.save_state == "saved", what="the retry that succeeds")
         assert read_task(store)["accepted"] == scr.session.tree.accepted
-        assert "Saved after retrying." in notices(app)
+        await wait_for(pilot, lambda: "Saved after retrying." in notices(app), what="the notice (posted to the app)")
         fired = spy.fired
         await pilot.pause(5 * scr.save_retry_seconds)
         assert spy.fired == fired and spy.armed == spy.fired  # saved: nothing is retried any more
@@ -443,7 +444,7 @@ async def test_save_retry_waits_for_a_generation_and_never_piles_up(store, confi
         await wait_idle(pilot, app)
         state["fail"] = False
         await wait_for(pilot, lambda: scr.status.save_state == "saved", what="the retry after the stream")
-        assert "Saved after retrying." in notices(app)
+        await wait_for(pilot, lambda: "Saved after retrying." in notices(app), what="the notice (posted to the app)")
         data = read_task(store)
         assert data["accepted"] == scr.session.tree.accepted
         assert nodes_by_id(data).keys() == {n.id for n in scr.session.tree.nodes}
@@ -647,7 +648,7 @@ async def test_correction_with_newline(app_for, store):
 def test_steer_rows_and_count_match_the_tree(fake_engine, store):
     # the stats table is computed in O(nodes); it must agree with tree.steers()
     from steer_tui.core.session import Session
-    from steer_tui.ui.screens.stats import count_steers, steer_rows
+    from steer_tui.core.stats import count_steers, steer_rows
 
     with Session.create(store=store, prompt="fruits", model=fake_engine, sampling={"temperature": 0, "seed": 1}) as s:
         list(s.generate())

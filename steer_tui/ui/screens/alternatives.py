@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from rich.text import Text
@@ -22,6 +23,16 @@ class Alternative:
     text: str
     logprob: float
     current: bool = False  # the token the path has there now
+
+
+def alternatives(
+    top: Iterable[tuple[int, float]], *, current: int | None, decode: Callable[[int], str], k: int
+) -> list[Alternative]:
+    """The first ``k`` of the top-k ``[id, logprob]`` pairs as rows, ``current`` marked."""
+    return [
+        Alternative(int(tid), decode(int(tid)), float(lp), current=int(tid) == current)
+        for tid, lp in list(top)[:k]
+    ]
 
 
 class AlternativesScreen(ModalScreen[int | None]):

@@ -18,7 +18,7 @@ from textual.widgets.tree import TreeNode
 
 from steer_tui.core.tree import Node, SteerTree
 from steer_tui.ui.render import one_line
-from steer_tui.ui.screens.stats import count_steers
+from steer_tui.core.stats import count_steers
 
 KIND_MARK = {"generated": "·", "correction": "✎", "pick": "◆", "append": "+"}
 

@@ -13,8 +13,6 @@ rejected text of earlier steers) are shown but never selected.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 from rich.cells import cell_len
 from rich.segment import Segment
 from rich.style import Style
@@ -26,23 +24,11 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from steer_tui.ui.keys import CURSOR_KEYS, bindings
+from steer_tui.ui.path_model import Piece
 from steer_tui.ui.render import visible
 
 END = -1  # layout key of the end-of-response cell
 PENDING = -2  # layout key of the inline correction being typed
-
-
-@dataclass(slots=True)
-class Piece:
-    """One thing to draw: a response token, or a span of rejected text."""
-
-    text: str
-    author: str = "model"  # "model" | "human" | "rejected"
-    logprob: float | None = None
-
-    @property
-    def selectable(self) -> bool:
-        return self.author != "rejected"
 
 
 def _prob_styles() -> list[Style]:
@@ -143,10 +129,6 @@ class TokenView(ScrollView, can_focus=True):
     def n_tokens(self) -> int:
         return len(self._tok_item)
 
-    @property
-    def pieces(self) -> list[Piece]:
-        return self._items
-
     def token_text(self, index: int) -> str:
         return self._items[self._tok_item[index]].text
 
@@ -173,18 +155,6 @@ class TokenView(ScrollView, can_focus=True):
         self._add(pieces)
         first = self._relayout(max(0, start - 1))
         self._changed(first)
-
-    def truncate(self, n_tokens: int) -> None:
-        """Drop tokens from ``n_tokens`` on (and any rejected pieces after them)."""
-        if n_tokens >= self.n_tokens:
-            return
-        cut = self._tok_item[n_tokens]
-        del self._items[cut:], self._disp[cut:], self._item_tok[cut:]
-        del self._tok_item[n_tokens:]
-        self._relayout(max(0, cut - 1))
-        if self.cursor > self.n_tokens:
-            self.set_reactive(TokenView.cursor, self.n_tokens)
-        self._changed()
 
     def set_pending(self, index: int | None, text: str = "") -> None:
         """Show ``text`` inline before token ``index`` and strike what follows (None: off)."""
