@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.text import Text
-from textual import on, work
+from textual import work
 from textual.app import ComposeResult
-from textual.containers import Horizontal
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Input, Static
+from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState
 
 from steer_tui.core.engine import EngineError
@@ -43,7 +42,7 @@ from steer_tui.ui.screens.saving import SAVE_RETRY_SECONDS, SaveKeeper
 from steer_tui.ui.screens.stats import StatsScreen
 from steer_tui.ui.screens.tree import TreeScreen
 from steer_tui.ui.session_factory import OPEN_ERRORS
-from steer_tui.ui.widgets.correction import CorrectionInput
+from steer_tui.ui.widgets.correction import CorrectionBar
 from steer_tui.ui.widgets.status import CursorInfo, StatusBar, cursor_text, model_label, prompt_line
 from steer_tui.ui.widgets.token_view import TokenView
 
@@ -51,7 +50,6 @@ from steer_tui.ui.widgets.token_view import TokenView
 # frame costs the UI thread CPU that a small machine would rather give the model: on 2
 # cores, app/Session.generate measured ~0.84 with 30 ms batches and ~0.9 with 50 ms.
 BATCH_SECONDS = 0.05
-STATUS_SECONDS = 0.5  # tokens/s and context in the status bar while streaming
 END_STATES = {"eos": "ended (eos)", "length": "paused (max tokens)", "context": "context full"}
 
 
@@ -69,46 +67,41 @@ class SessionScreen(Screen[None]):
     save_retry_seconds: float = SAVE_RETRY_SECONDS
     """Delay before a failed save is retried (one pending retry at a time)."""
 
+    @dataclass
     class Streamed(Message):
-        """A batch of tokens from the generation worker."""
+        """A batch of tokens from generation ``gen``'s worker."""
 
-        def __init__(self, gen: int, tokens: list[StreamedToken]) -> None:
-            super().__init__()
-            self.gen = gen
-            self.tokens = tokens
+        gen: int
+        tokens: list[StreamedToken]
 
+    @dataclass
     class StreamEnded(Message):
-        """The generation worker stopped: ``end`` is eos|length|context|paused, or error."""
+        """Generation ``gen``'s worker stopped: ``end`` is eos|length|context|paused, or error."""
 
-        def __init__(self, gen: int, end: str | None, error: BaseException | None = None) -> None:
-            super().__init__()
-            self.gen = gen
-            self.end = end
-            self.error = error
+        gen: int
+        end: str | None
+        error: BaseException | None = None
 
+    @dataclass
     class Loaded(Message):
         """The loader worker opened the session, or failed with ``error``."""
 
-        def __init__(self, session: Any | None, error: BaseException | None) -> None:
-            super().__init__()
-            self.session = session
-            self.error = error
+        session: Any | None
+        error: BaseException | None
 
+    @dataclass
     class SteerDone(Message):
-        """A steer (rollback + correct/pick/resample) finished in its worker."""
+        """A steer (rollback + correct/pick/resample at ``at``) finished in its worker."""
 
-        def __init__(self, error: BaseException | None, title: str, at: int) -> None:
-            super().__init__()
-            self.error = error
-            self.title = title
-            self.at = at
+        error: BaseException | None
+        title: str
+        at: int
 
+    @dataclass
     class JobDone(Message):
         """A job finished in the job worker."""
 
-        def __init__(self, job: Job) -> None:
-            super().__init__()
-            self.job = job
+        job: Job
 
     def __init__(self, loader: Callable[[], Any], *, task_label: str = "", autostart: bool = True) -> None:
         super().__init__()
@@ -122,10 +115,6 @@ class SessionScreen(Screen[None]):
         self._steer_worker: Worker | None = None
         self.jobs = JobQueue(self._job_in_thread)
         self.saves = SaveKeeper(self)
-        self._stream_t0 = 0.0
-        self._stream_n = 0
-        self._status_t = 0.0
-        self._edit_at: int | None = None
         self._path: PathView | None = None
         self.closed = False
 
@@ -133,9 +122,7 @@ class SessionScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Static("", id="prompt-line")
         yield TokenView(id="tokens")
-        with Horizontal(id="correction-bar"):
-            yield Static("", id="correction-label")
-            yield CorrectionInput(placeholder="type the correction, enter submits, esc cancels", id="correction")
+        yield CorrectionBar(id="correction-bar")
         yield CursorInfo(id="cursor-info")
         yield StatusBar(id="status")
         yield Footer()
@@ -147,6 +134,10 @@ class SessionScreen(Screen[None]):
     @property
     def status(self) -> StatusBar:
         return self.query_one(StatusBar)
+
+    @property
+    def editor(self) -> CorrectionBar:
+        return self.query_one(CorrectionBar)
 
     def on_mount(self) -> None:
         self.view.prob_colors = getattr(self.app, "config", None) is not None and self.app.config.prob_colors
@@ -297,8 +288,7 @@ class SessionScreen(Screen[None]):
             return
         self._gen += 1
         self._stop = threading.Event()
-        self._stream_t0 = time.perf_counter()
-        self._stream_n = 0
+        self.status.stream_started()
         self.view.show_cursor = False
         self.view.cursor = self.view.n_tokens
         self.status.state = "streaming"
@@ -337,17 +327,7 @@ class SessionScreen(Screen[None]):
         view.set_reactive(TokenView.cursor, view.n_tokens)
         if at_end:
             view.scroll_to_end()
-        self._stream_n += len(event.tokens)
-        now = time.perf_counter()
-        if now - self._status_t >= STATUS_SECONDS:  # numbers nobody reads 30 times a second
-            self._status_t = now
-            self._update_stream_status(now)
-
-    def _update_stream_status(self, now: float) -> None:
-        dt = now - self._stream_t0
-        if dt > 0:
-            self.status.tokens_per_s = self._stream_n / dt
-        self.status.ctx_used = len(self.session.tree.prompt_tokens) + self.view.n_tokens
+        self.status.streamed(len(event.tokens), len(self.session.tree.prompt_tokens) + view.n_tokens)
 
     def on_session_screen_stream_ended(self, event: StreamEnded) -> None:
         if event.gen != self._gen:
@@ -355,7 +335,7 @@ class SessionScreen(Screen[None]):
                 self.saves.report(event.error, "Generation stopped")
             return
         self._worker = None
-        self._update_stream_status(time.perf_counter())
+        self.status.streamed(0, len(self.session.tree.prompt_tokens) + self.view.n_tokens, final=True)
         self._invalidate()
         if event.error is not None:
             self.saves.report(event.error, "Generation stopped")
@@ -396,7 +376,7 @@ class SessionScreen(Screen[None]):
         if self.steering:
             return False
         await self.jobs.settle()
-        return self.session is not None and self._edit_at is None
+        return self.session is not None and self.editor.at is None
 
     # ------------------------------------------------------------------ steering (off the UI thread)
     def _steer(self, fn: Callable[[], None], title: str, at: int) -> None:
@@ -467,47 +447,33 @@ class SessionScreen(Screen[None]):
             self.app.notify("This task is open read-only.", severity="warning")
             return
         at = self._steer_point(self.view.cursor if index is None else index)
-        self._edit_at = at
         self.view.set_pending(at, "")
         self.view.cursor = at
-        self.query_one("#correction-bar").display = True
-        label = "append" if at >= self.view.n_tokens else f"replace from #{at}"
-        self.query_one("#correction-label", Static).update(Text(f" {label} › ", style="bold"))
-        inp = self.query_one(CorrectionInput)
-        inp.value = ""
-        inp.focus()
+        self.editor.open(at, "append" if at >= self.view.n_tokens else f"replace from #{at}")
         self.status.state = "editing"
 
     async def on_token_view_correct_requested(self, event: TokenView.CorrectRequested) -> None:
         await self.action_correct(event.index)
 
-    @on(Input.Changed, "#correction")
-    def _correction_changed(self, event: Input.Changed) -> None:
-        if self._edit_at is not None:
-            self.view.set_pending(self._edit_at, event.value)
+    def on_correction_bar_changed(self, event: CorrectionBar.Changed) -> None:
+        self.view.set_pending(event.at, event.text)
 
-    @on(CorrectionInput.Cancelled)
-    def _correction_cancelled(self) -> None:
+    def on_correction_bar_cancelled(self) -> None:
         self._close_editor()
         self._set_paused_state()
 
     def _close_editor(self) -> None:
-        self._edit_at = None
+        self.editor.close()
         self.view.set_pending(None)
-        self.query_one("#correction-bar").display = False
         self.view.focus()
 
-    @on(Input.Submitted, "#correction")
-    def _correction_submitted(self, event: Input.Submitted) -> None:
-        at, text = self._edit_at, event.value  # exactly what was typed
-        if at is None:
-            return
-        if not text.strip():
+    def on_correction_bar_submitted(self, event: CorrectionBar.Submitted) -> None:
+        if not event.text.strip():
             self.app.notify("A correction needs some text (escape cancels).", severity="warning")
             return
         self._close_editor()
         s = self.session
-        self._steer_at(at, lambda: s.correct(text), "Correction failed")
+        self._steer_at(event.at, lambda: s.correct(event.text), "Correction failed")  # exactly what was typed
 
     async def action_alternatives(self) -> None:
         if not await self._idle():
@@ -537,10 +503,9 @@ class SessionScreen(Screen[None]):
         if not top:
             self.app.notify("No alternatives were recorded for this token.", severity="warning")
             return
-        alts = alternatives(top, current=current, decode=self._decode, k=self._top_k)
-        where = f"at #{at}" if at < self.view.n_tokens else "after the end"
-        title = f"Alternatives {where} — enter picks (a pick steer), esc cancels"
-        self.app.push_screen(AlternativesScreen(alts, title), lambda choice: self._apply_pick(at, current, choice))
+        alts = alternatives(top, current=current, engine=self.session.engine, k=self._top_k)
+        screen = AlternativesScreen(alts, f"at #{at}" if at < self.view.n_tokens else "after the end")
+        self.app.push_screen(screen, lambda choice: self._apply_pick(at, current, choice))
 
     def _apply_pick(self, at: int, current: int | None, choice: int | None) -> None:
         s = self.session
@@ -550,12 +515,6 @@ class SessionScreen(Screen[None]):
             self.app.notify("That is the token already there.")
             return
         self._steer_at(at, lambda: s.pick(choice), "Pick failed")
-
-    def _decode(self, token_id: int) -> str:
-        try:
-            return self.session.engine.token_bytes(token_id).decode("utf-8", errors="replace")
-        except EngineError:
-            return f"<{token_id}>"
 
     async def action_resample(self) -> None:
         if not await self._idle():

@@ -5,6 +5,7 @@ line, and the text each of them shows."""
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from rich.text import Text
@@ -14,6 +15,8 @@ from textual.widget import Widget
 from steer_tui.core.session import TokenInfo
 from steer_tui.core.stats import rank_of
 from steer_tui.ui.render import one_line
+
+STATUS_SECONDS = 0.5  # tokens/s and context in the status bar while streaming
 
 
 class StatusBar(Widget):
@@ -39,6 +42,32 @@ class StatusBar(Widget):
     """Queue progress ("task 3/12") or empty."""
     save_state: reactive[str] = reactive("")
     """"saved", "unsaved" or "save failed: ..." (the data stays in memory and is retried)."""
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._stream_t0 = 0.0
+        self._stream_n = 0
+        self._shown_at = 0.0
+
+    def stream_started(self) -> None:
+        """A generation starts: tokens/s counts from now."""
+        self._stream_t0 = time.perf_counter()
+        self._stream_n = 0
+
+    def streamed(self, n: int, ctx_used: int, *, final: bool = False) -> None:
+        """``n`` more tokens arrived (``ctx_used`` in the context now). Speed and context are
+        shown at most every ``STATUS_SECONDS`` (numbers nobody reads 30 times a second),
+        and once more when the stream ends (``final``)."""
+        self._stream_n += n
+        now = time.perf_counter()
+        if not final and now - self._shown_at < STATUS_SECONDS:
+            return
+        if not final:
+            self._shown_at = now
+        dt = now - self._stream_t0
+        if dt > 0:
+            self.tokens_per_s = self._stream_n / dt
+        self.ctx_used = ctx_used
 
     def render(self) -> Text:
         # most important first; the model name takes whatever width is left
