@@ -1,122 +1,49 @@
-"""The steering screen: owns one headless ``Session`` and is a view over it.
+"""The steering screen: a view over one headless ``Session``, and what each key does.
 
-Nothing here blocks the UI thread on the model or the disk. Generation runs in a thread
-worker (``_stream``) that calls ``session.generate`` with a ``threading.Event`` for pause
-and posts batched ``Streamed`` messages (at most one every 50 ms). A steer (rollback +
-correction, pick or resample: the engine evaluates tokens) runs in the ``_steer`` worker,
-then generation resumes. Saves, the quick changes that save themselves (undo, redo,
-accept, branch and tree jumps) and the top-k lookup after the end run one at a time, in
-order, as *jobs* in the job worker; a steering key pressed while a job runs waits for it,
-so keys keep their order. The screen mutates the session only
-while nothing else does: a steering key pressed while streaming first pauses.
-
-A failed save keeps the work in memory, says so, and is retried every
-``save_retry_seconds`` until it succeeds (one pending retry at a time).
+``SessionWork`` (its base) owns the session and runs everything that touches the model
+or the disk in thread workers; this class lays out the widgets, draws what the workers
+report (streamed tokens, finished steers and jobs) and turns keys into session work. A
+steering key pressed while streaming first pauses; one pressed while jobs are queued
+waits for them, so keys keep their order. A failed save keeps the work in memory, says
+so and is retried (``SaveKeeper``).
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from rich.text import Text
-from textual import work
 from textual.app import ComposeResult
-from textual.message import Message
-from textual.screen import Screen
 from textual.widgets import Footer, Static
-from textual.worker import Worker, WorkerState
 
 from steer_tui.core.engine import EngineError
-from steer_tui.core.session import SaveError, SessionErrors, TokenInfo
+from steer_tui.core.session import SaveError, TokenInfo
 from steer_tui.core.stats import count_steers
 from steer_tui.ui.keys import SESSION_KEYS, bindings
 from steer_tui.ui.path_model import PathView, Piece, last_end, path_view, sibling_branch, steer_point
 from steer_tui.ui.render import one_line
 from steer_tui.ui.screens.alternatives import AlternativesScreen, alternatives
-from steer_tui.ui.screens.jobs import WORKER_ENDS, Job, JobQueue
-from steer_tui.ui.screens.saving import SAVE_RETRY_SECONDS, SaveKeeper
+from steer_tui.ui.screens.session_work import SessionWork
 from steer_tui.ui.screens.stats import StatsScreen
 from steer_tui.ui.screens.tree import TreeScreen
-from steer_tui.ui.session_factory import OPEN_ERRORS
 from steer_tui.ui.widgets.correction import CorrectionBar
 from steer_tui.ui.widgets.status import CursorInfo, StatusBar, cursor_text, model_label, prompt_line
 from steer_tui.ui.widgets.token_view import TokenView
 
-# Coalesce streamed tokens: at most 20 screen updates a second. Smooth to read, and each
-# frame costs the UI thread CPU that a small machine would rather give the model: on 2
-# cores, app/Session.generate measured ~0.84 with 30 ms batches and ~0.9 with 50 ms.
-BATCH_SECONDS = 0.05
 END_STATES = {"eos": "ended (eos)", "length": "paused (max tokens)", "context": "context full"}
 
 
-@dataclass
-class StreamedToken:
-    text: str
-    logprob: float | None
-
-
-class SessionScreen(Screen[None]):
+class SessionScreen(SessionWork):
     """One task: the token view, the correction editor, the cursor info and status bars."""
 
     BINDINGS = bindings(SESSION_KEYS)
 
-    save_retry_seconds: float = SAVE_RETRY_SECONDS
-    """Delay before a failed save is retried (one pending retry at a time)."""
-
-    @dataclass
-    class Streamed(Message):
-        """A batch of tokens from generation ``gen``'s worker."""
-
-        gen: int
-        tokens: list[StreamedToken]
-
-    @dataclass
-    class StreamEnded(Message):
-        """Generation ``gen``'s worker stopped: ``end`` is eos|length|context|paused, or error."""
-
-        gen: int
-        end: str | None
-        error: BaseException | None = None
-
-    @dataclass
-    class Loaded(Message):
-        """The loader worker opened the session, or failed with ``error``."""
-
-        session: Any | None
-        error: BaseException | None
-
-    @dataclass
-    class SteerDone(Message):
-        """A steer (rollback + correct/pick/resample at ``at``) finished in its worker."""
-
-        error: BaseException | None
-        title: str
-        at: int
-
-    @dataclass
-    class JobDone(Message):
-        """A job finished in the job worker."""
-
-        job: Job
-
     def __init__(self, loader: Callable[[], Any], *, task_label: str = "", autostart: bool = True) -> None:
-        super().__init__()
-        self._loader = loader
-        self.session: Any | None = None
+        super().__init__(loader)
         self.task_label = task_label
         self.autostart = autostart
-        self._stop = threading.Event()
-        self._gen = 0
-        self._worker: Worker | None = None
-        self._steer_worker: Worker | None = None
-        self.jobs = JobQueue(self._job_in_thread)
-        self.saves = SaveKeeper(self)
         self._path: PathView | None = None
-        self.closed = False
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
@@ -146,16 +73,7 @@ class SessionScreen(Screen[None]):
         self.view.focus()
         self._load()
 
-    @work(thread=True, exclusive=True, group="load")
-    def _load(self) -> None:
-        try:
-            session = self._loader()
-        except OPEN_ERRORS as exc:  # shown as a notification, the app stays usable
-            self.post_message(self.Loaded(None, exc))
-            return
-        self.post_message(self.Loaded(session, None))
-
-    def on_session_screen_loaded(self, event: Loaded) -> None:
+    def on_session_work_loaded(self, event: SessionWork.Loaded) -> None:
         if event.error is not None:
             self.status.state = "error"
             self.query_one("#prompt-line", Static).update(Text(one_line(str(event.error)), style="bold red"))
@@ -170,41 +88,16 @@ class SessionScreen(Screen[None]):
         self._refresh_all()
         self._show_model()
         self.status.ctx_limit = int(getattr(self.session.engine, "n_ctx", 0) or 0)
-        self.status.save_state = "read-only" if self._read_only else "saved"
+        self.status.save_state = "read-only" if self.read_only else "saved"
         # a new task starts streaming at once; a reopened one waits where it stopped (it
         # was paused for a reason): space continues
         fresh = self.session.end is None and not self.session.tree.nodes
-        if self.autostart and fresh and not self._read_only:
+        if self.autostart and fresh and not self.read_only:
             self.start_generation()
         else:
             self._set_paused_state()
 
-    # ------------------------------------------------------------------ state
-    @property
-    def streaming(self) -> bool:
-        """The generation worker is running."""
-        return self._worker is not None and self._worker.state in (WorkerState.PENDING, WorkerState.RUNNING)
-
-    @property
-    def steering(self) -> bool:
-        """A steer is being evaluated in its worker (generation follows it)."""
-        w = self._steer_worker
-        return w is not None and w.state in (WorkerState.PENDING, WorkerState.RUNNING)
-
-    @property
-    def generating(self) -> bool:
-        """The model is busy: streaming, or evaluating a steer (generation follows it)."""
-        return self.streaming or self.steering
-
-    @property
-    def busy(self) -> bool:
-        """A job runs or waits in the job worker, or its result is not shown yet."""
-        return bool(self.jobs)
-
-    @property
-    def _read_only(self) -> bool:
-        return bool(getattr(self.session, "read_only", False))
-
+    # ------------------------------------------------------------------ drawing
     def _last_end(self) -> str | None:
         return last_end(self.session)
 
@@ -245,18 +138,7 @@ class SessionScreen(Screen[None]):
         if not self.generating:
             self._update_cursor_info()
 
-    # ------------------------------------------------------------------ jobs and saving
-    @work(thread=True, group="job")
-    def _job_in_thread(self, job: Job) -> None:
-        try:
-            job.result = job.fn()
-        except SessionErrors as exc:  # SaveError among them: the change is kept in memory
-            job.error = exc
-        self.post_message(self.JobDone(job))
-
-    def on_session_screen_job_done(self, event: JobDone) -> None:
-        self.jobs.finish(event.job)
-
+    # ------------------------------------------------------------------ changes
     def _after_change(self, cursor: int | None = None) -> None:
         self._invalidate()
         self.saves.save_if_dirty()
@@ -283,42 +165,18 @@ class SessionScreen(Screen[None]):
     def start_generation(self) -> None:
         if self.session is None or self.generating:
             return  # (a running steer starts generation itself when it is done)
-        if self._read_only:
+        if self.read_only:
             self.app.notify("This task is open read-only.", severity="warning")
             return
-        self._gen += 1
-        self._stop = threading.Event()
         self.status.stream_started()
         self.view.show_cursor = False
         self.view.cursor = self.view.n_tokens
         self.status.state = "streaming"
         self._invalidate()
         self._update_cursor_info()
-        self._worker = self._stream(self._gen, self._stop)
+        self._start_stream()
 
-    @work(thread=True, exclusive=True, group="generate")
-    def _stream(self, gen: int, stop: threading.Event) -> None:
-        session = self.session
-        batch: list[StreamedToken] = []
-        last = time.perf_counter()
-        post = self.post_message
-        try:
-            for tok in session.generate(stop=stop):
-                batch.append(StreamedToken(tok.text, tok.logprob))
-                now = time.perf_counter()
-                if now - last >= BATCH_SECONDS:
-                    post(self.Streamed(gen, batch))
-                    batch = []
-                    last = now
-            if batch:
-                post(self.Streamed(gen, batch))
-            post(self.StreamEnded(gen, getattr(session, "last_end", None)))
-        except SessionErrors as exc:
-            if batch:
-                post(self.Streamed(gen, batch))
-            post(self.StreamEnded(gen, getattr(session, "last_end", None), exc))
-
-    def on_session_screen_streamed(self, event: Streamed) -> None:
+    def on_session_work_streamed(self, event: SessionWork.Streamed) -> None:
         if event.gen != self._gen:
             return  # a batch from a stream that pause() already settled: the view has it
         view = self.view
@@ -329,7 +187,7 @@ class SessionScreen(Screen[None]):
             view.scroll_to_end()
         self.status.streamed(len(event.tokens), len(self.session.tree.prompt_tokens) + view.n_tokens)
 
-    def on_session_screen_stream_ended(self, event: StreamEnded) -> None:
+    def on_session_work_stream_ended(self, event: SessionWork.StreamEnded) -> None:
         if event.gen != self._gen:
             if event.error is not None:
                 self.saves.report(event.error, "Generation stopped")
@@ -349,19 +207,7 @@ class SessionScreen(Screen[None]):
 
     async def pause(self) -> None:
         """Stop streaming and wait until the worker has ended (the session is idle after)."""
-        worker = self._worker
-        if worker is None:
-            return
-        self._stop.set()
-        try:
-            await worker.wait()
-        except WORKER_ENDS:
-            pass
-        # its last Streamed/StreamEnded messages may still be queued: settle now from the
-        # session (the truth) and make those messages stale
-        if self._worker is worker:
-            self._worker = None
-            self._gen += 1
+        if await self._stop_stream():
             self._invalidate()
             self._refresh_all(self.view.n_tokens)
             self._set_paused_state()
@@ -379,22 +225,7 @@ class SessionScreen(Screen[None]):
         return self.session is not None and self.editor.at is None
 
     # ------------------------------------------------------------------ steering (off the UI thread)
-    def _steer(self, fn: Callable[[], None], title: str, at: int) -> None:
-        """Run a session mutation that evaluates tokens (a correction is scored by the
-        engine) in a thread worker, then resume generation. The UI stays responsive."""
-        self.status.state = "steering"
-        self._steer_worker = self._steer_in_thread(fn, title, at)
-
-    @work(thread=True, exclusive=True, group="steer")
-    def _steer_in_thread(self, fn: Callable[[], None], title: str, at: int) -> None:
-        try:
-            fn()
-        except SessionErrors as exc:
-            self.post_message(self.SteerDone(exc, title, at))
-            return
-        self.post_message(self.SteerDone(None, title, at))
-
-    def on_session_screen_steer_done(self, event: SteerDone) -> None:
+    def on_session_work_steer_done(self, event: SessionWork.SteerDone) -> None:
         self._steer_worker = None
         if self.session is None:
             return
@@ -422,7 +253,8 @@ class SessionScreen(Screen[None]):
                 s.rollback(at)
             act()
 
-        self._steer(steer, title, at)
+        self.status.state = "steering"
+        self._run_steer(steer, title, at)  # the UI stays responsive; generation follows
 
     # ------------------------------------------------------------------ actions
     async def action_toggle_pause(self) -> None:
@@ -443,7 +275,7 @@ class SessionScreen(Screen[None]):
     async def action_correct(self, index: int | None = None) -> None:
         if not await self._idle():
             return
-        if self._read_only:
+        if self.read_only:
             self.app.notify("This task is open read-only.", severity="warning")
             return
         at = self._steer_point(self.view.cursor if index is None else index)
@@ -640,28 +472,3 @@ class SessionScreen(Screen[None]):
 
     def action_tasks(self) -> None:
         self.app.call_later(self.app.action_open_tasks)
-
-    # ------------------------------------------------------------------ shutdown
-    async def shutdown(self) -> None:
-        """Stop generating, save, release the task lock."""
-        self.closed = True
-        worker = self._steer_worker
-        if worker is not None:
-            try:
-                await worker.wait()
-            except WORKER_ENDS:
-                pass
-        await self.pause()
-        await self.jobs.settle()
-        if self.session is not None:
-            self.saves.save_if_dirty()
-            await self.jobs.settle()
-            self._close_session()
-
-    def _close_session(self) -> None:
-        s, self.session = self.session, None
-        if s is not None:
-            try:
-                s.close()
-            except OSError as exc:  # the lock file could not be released cleanly
-                self.app.notify(str(exc), title="Closing the task", severity="warning")
