@@ -645,6 +645,30 @@ async def test_correction_with_newline(app_for, store):
     assert h["text"] == "Fig\n2."
 
 
+async def test_a_typed_newline_glyph_is_saved_as_typed(app_for, store):
+    """The editor draws a newline (ctrl+j) as ↵, but the glyph is display only: a ↵ the user
+    types is text, and the saved correction holds exactly what was typed."""
+    from textual import events
+
+    from steer_tui.ui.widgets.correction import CorrectionInput
+
+    app = app_for(prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        app.session_screen.view.cursor = 9
+        await pilot.press("enter", *"Fig")
+        # as a terminal sends it (pilot.press cannot: it finds no character for this key name)
+        app.post_message(events.Key("downwards_arrow_with_corner_leftwards", "↵"))
+        await pilot.press("ctrl+j", *"2.")
+        editor = app.session_screen.query_one(CorrectionInput)
+        assert editor.value == "Fig↵\n2."
+        assert editor._value.plain == "Fig↵↵2."  # both drawn alike, one cell each
+        await pilot.press("enter")
+        await wait_idle(pilot, app)
+    h = next(n for n in read_task(store)["nodes"] if n["author"] == "human")
+    assert h["text"] == "Fig↵\n2."
+
+
 def test_steer_rows_and_count_match_the_tree(fake_engine, store):
     # the stats table is computed in O(nodes); it must agree with tree.steers()
     from steer_tui.core.session import Session

@@ -17,7 +17,6 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.widgets import Footer, Static
 
-from steer_tui.core.engine import EngineError
 from steer_tui.core.session import SaveError, TokenInfo
 from steer_tui.core.stats import count_steers
 from steer_tui.ui.keys import SESSION_KEYS, bindings
@@ -456,13 +455,15 @@ class SessionScreen(SessionWork):
             self.app.notify("No adapter loaded (start with --adapter LORA.gguf).", severity="warning")
             return
         enabled = not getattr(engine, "adapter_enabled", True)
-        try:
-            toggle(enabled)
-        except EngineError as exc:
-            self.saves.report(exc, "Adapter")
-            return
-        self.app.notify(f"Adapter {'on' if enabled else 'off'} for the next continuation.")
-        self._show_model()
+
+        def done(_: Any, error: BaseException | None) -> None:
+            if error is not None:
+                self.saves.report(error, "Adapter")
+                return
+            self.app.notify(f"Adapter {'on' if enabled else 'off'} for the next continuation.")
+            self._show_model()
+
+        self.jobs.add(lambda: toggle(enabled), done)  # llama.cpp: off the UI thread
 
     def _show_model(self) -> None:
         self.status.model = model_label(self.session.engine)
