@@ -667,23 +667,3 @@ async def test_a_typed_newline_glyph_is_saved_as_typed(app_for, store):
         await wait_idle(pilot, app)
     h = next(n for n in read_task(store)["nodes"] if n["author"] == "human")
     assert h["text"] == "Fig↵\n2."
-
-
-def test_steer_rows_and_count_match_the_tree(fake_engine, store):
-    # the stats table is computed in O(nodes); it must agree with tree.steers()
-    from steer_tui.core.session import Session
-    from steer_tui.core.stats import count_steers, steer_rows
-
-    with Session.create(store=store, prompt="fruits", model=fake_engine, sampling={"temperature": 0, "seed": 1}) as s:
-        list(s.generate())
-        for at, text in ((20, "X"), (12, "Kiwi"), (5, "pp"), (10, "Q")):
-            s.rollback(at)
-            s.correct(text)
-            list(s.generate(max_tokens=8))
-        s.undo()
-        tree = s.tree
-        n_prompt = len(tree.prompt_tokens)
-        expected = {st.node.id: (len(st.prefix) - n_prompt, tree.is_discarded(st.node.id)) for st in tree.steers(include_discarded=True)}
-        rows = {r.node_id: (r.position, r.discarded) for r in steer_rows(tree)}
-        assert rows == expected and len(rows) == 4
-        assert count_steers(tree) == len(tree.steers()) == 3
