@@ -156,8 +156,8 @@ def run_app(store: Store, task_id: str, rng: random.Random) -> None:
 
     from steer_tui.core.fake_engine import FakeEngine
     from steer_tui.ui.app import make_app
-    from steer_tui.ui.session_factory import SessionFactory
     from steer_tui.ui.config import UIConfig
+    from steer_tui.ui.session_factory import SessionFactory
 
     # no annotator: a queue line's "id" is then the task id as is (with an annotator the
     # app names queue tasks "<id>-<annotator>"), so the checker finds tasks/<task_id>.json

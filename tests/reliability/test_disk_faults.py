@@ -199,8 +199,8 @@ def test_read_only_store_for_real(tiny_tmpfs):
 async def test_app_shows_save_error_keeps_data_and_retries(tmp_path, monkeypatch):
     from steer_tui.core.fake_engine import FakeEngine
     from steer_tui.ui.app import make_app
-    from steer_tui.ui.session_factory import SessionFactory
     from steer_tui.ui.config import UIConfig
+    from steer_tui.ui.session_factory import SessionFactory
 
     store = tmp_path / "store"
     factory = SessionFactory(store=store, engine=FakeEngine(), sampling={"temperature": 0, "seed": 7, "max_tokens": 30}, annotator="t")

@@ -12,8 +12,8 @@ import pytest
 
 from steer_tui.core.fake_engine import FakeEngine
 from steer_tui.ui.app import make_app
-from steer_tui.ui.session_factory import SessionFactory
 from steer_tui.ui.config import UIConfig
+from steer_tui.ui.session_factory import SessionFactory
 
 SCRIPTS = (
     "1. Apple\n2. Banana\n3. Cherry\n4. Mango",

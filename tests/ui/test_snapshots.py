@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from steer_tui.core.fake_engine import FakeEngine
 from steer_tui.ui.app import make_app
-from steer_tui.ui.session_factory import SessionFactory
 from steer_tui.ui.config import UIConfig
+from steer_tui.ui.session_factory import SessionFactory
 
 from .conftest import SCRIPTS, wait_idle
 
