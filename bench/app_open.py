@@ -81,7 +81,9 @@ def build_task(store, engine, task_id: str, n_tokens: int, n_steers: int) -> Non
 async def open_in_app(store, engine, task_id: str, expect_tokens: int, pages: int):
     from textual import events
 
-    from steer_tui.ui.app import SessionFactory, make_app
+    from steer_tui.ui.app import make_app
+
+    from steer_tui.ui.session_factory import SessionFactory
     from steer_tui.ui.config import UIConfig
     from steer_tui.ui.widgets.token_view import TokenView
 

@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 async def run(out: Path) -> None:
     from steer_tui.core.engine import open_engine
     from steer_tui.core.models import default_model_path
-    from steer_tui.ui.app import SessionFactory, make_app
+    from steer_tui.ui.app import make_app
     from steer_tui.ui.config import UIConfig
+    from steer_tui.ui.session_factory import SessionFactory
 
     engine = open_engine(default_model_path(), n_ctx=1024)
     factory = SessionFactory(

@@ -38,7 +38,9 @@ def pct(xs: list[float], q: float) -> float:
 async def run(args: argparse.Namespace) -> int:
     from textual import events
 
-    from steer_tui.ui.app import SessionFactory, make_app
+    from steer_tui.ui.app import make_app
+
+    from steer_tui.ui.session_factory import SessionFactory
     from steer_tui.ui.config import UIConfig
     from steer_tui.ui.widgets.token_view import TokenView
 

@@ -225,9 +225,73 @@ def cmd_session(ns: argparse.Namespace) -> int:
 
         store = ns.store or str(default_store_dir())
         return supervisor.run_supervised(ns.argv, store=store)
-    from steer_tui.ui.app import run_app
+    return _run_app(ns)
 
-    return run_app(ns)
+
+def _run_app(ns: argparse.Namespace) -> int:
+    """Check ``steer-tui session``'s arguments, build the app and run it.
+
+    Bad arguments (missing model, unknown task, unusable task file, bad config) raise the
+    project's error types before the terminal is taken over; ``run_command`` prints them."""
+    from steer_tui.core.models import check_gguf
+    from steer_tui.core.store import Store, StoreError
+    from steer_tui.core.tasks import load_task_queue
+    from steer_tui.ui.app import make_app
+    from steer_tui.ui.config import ConfigError, load_config
+    from steer_tui.ui.session_factory import SessionFactory
+
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None  # a user error: printed as one line
+    if ns.model:
+        check_gguf(ns.model)
+    if ns.adapter:
+        check_gguf(ns.adapter)
+    store = Store(ns.store)
+    if ns.task is not None and not store.exists(ns.task):
+        raise StoreError(f"--task {ns.task!r}: no such task in {store.root} (steer-tui list shows them)")
+    tasks, errors = load_task_queue(ns.tasks) if ns.tasks else (None, [])
+    sampling = dict(config.sampling)
+    for field in ("temperature", "seed", "max_tokens"):
+        value = getattr(ns, field)
+        if value is not None:
+            sampling[field] = value
+
+    def load_engine():
+        from steer_tui.core.engine import open_engine
+
+        return open_engine(
+            ns.model,
+            n_ctx=ns.n_ctx,
+            n_gpu_layers=ns.n_gpu_layers,
+            adapter=ns.adapter,
+            seed=ns.seed,
+            extra_bufts=ns.extra_bufts,
+        )
+
+    factory = SessionFactory(
+        store=store,
+        engine_loader=load_engine,
+        sampling=sampling,
+        annotator=ns.annotator or config.annotator,
+        read_only=ns.read_only,
+    )
+    app = make_app(
+        session_factory=factory,
+        tasks=tasks,
+        config=config,
+        task_id=ns.task,
+        prompt=ns.prompt,
+        system=ns.system,
+        raw=ns.raw,
+        startup_messages=[f"skipped {e}" for e in errors],
+    )
+    try:
+        code = app.run()
+    finally:
+        factory.close()
+    return int(code or 0)
 
 
 def cmd_doctor(ns: argparse.Namespace) -> int:

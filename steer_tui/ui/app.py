@@ -1,118 +1,28 @@
-"""The Textual app: ``steer-tui session``.
+"""The Textual app of ``steer-tui session``: it builds and runs the screens.
 
-``make_app`` builds it from a ``SessionFactory`` (tests pass one over a FakeEngine and a
-temp store); ``run_app`` is what the CLI calls with its parsed arguments. The app only
-routes between screens: the task picker, one ``SessionScreen`` per open task (which owns
-the headless Session) and the modal views (help, alternatives, tree, stats).
+``make_app`` builds it from a ``SessionFactory`` (the CLI passes one over the real engine;
+tests pass one over a FakeEngine and a temp store). The app routes between screens (the
+task picker, one ``SessionScreen`` per open task, which owns the headless Session, and
+the help screen), walks the task queue and offers the session keys in the command
+palette. Parsing and checking command-line arguments is the CLI's job (``steer_tui.cli``).
 """
 
 from __future__ import annotations
 
-import argparse
-import threading
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from textual.app import App, SystemCommand
 from textual.screen import Screen
 
-from steer_tui.core.store import Store, StoreError
+from steer_tui.core.store import StoreError
 from steer_tui.core.tasks import queue_task_id
-from steer_tui.ui.config import ConfigError, UIConfig, default_config_path, load_config
+from steer_tui.ui.config import UIConfig, default_config_path
 from steer_tui.ui.keys import APP_KEYS, SESSION_KEYS, bindings
 from steer_tui.ui.screens.help import HelpScreen, key_label
 from steer_tui.ui.screens.picker import NewTask, PickerScreen
 from steer_tui.ui.screens.session import SessionScreen
-
-
-class SessionFactory:
-    """Opens and creates Sessions on one store and one engine (loaded once, lazily, on the
-    first task, from a worker thread, so the UI never waits for the model)."""
-
-    def __init__(
-        self,
-        *,
-        store: Store | str | Path | None,
-        engine: Any = None,
-        engine_loader: Callable[[], Any] | None = None,
-        sampling: dict[str, Any] | None = None,
-        annotator: str | None = None,
-        read_only: bool = False,
-    ) -> None:
-        if engine is None and engine_loader is None:
-            raise ValueError("SessionFactory needs an engine or an engine_loader")
-        self.store = store if isinstance(store, Store) else Store(store)
-        self._engine = engine
-        self._engine_loader = engine_loader
-        self._owns_engine = engine is None
-        self._lock = threading.Lock()
-        self.sampling = dict(sampling or {})
-        self.annotator = annotator
-        self.read_only = read_only
-
-    def engine(self) -> Any:
-        with self._lock:
-            if self._engine is None:
-                assert self._engine_loader is not None
-                self._engine = self._engine_loader()
-            return self._engine
-
-    def create(
-        self,
-        *,
-        prompt: str | None = None,
-        messages: list[dict[str, str]] | None = None,
-        system: str | None = None,
-        raw: bool = False,
-        title: str | None = None,
-        task_id: str | None = None,
-    ) -> Any:
-        from steer_tui.core.session import Session
-
-        return Session.create(
-            store=self.store,
-            prompt=prompt,
-            messages=messages,
-            system=system,
-            raw=raw,
-            model=self.engine(),
-            sampling=self.sampling,
-            title=title,
-            task_id=task_id,
-            annotator=self.annotator,
-        )
-
-    def open(self, task_id: str) -> Any:
-        """Open a saved task. If another live session holds it, open it read-only (to look
-        at, not to change) and say so in ``session.warnings``."""
-        from steer_tui.core.session import Session
-        from steer_tui.core.store import TaskLocked
-
-        try:
-            return Session.open(
-                store=self.store, task_id=task_id, model=self.engine(), read_only=self.read_only, annotator=self.annotator
-            )
-        except TaskLocked as exc:
-            session = Session.open(
-                store=self.store, task_id=task_id, model=self.engine(), read_only=True, annotator=self.annotator
-            )
-            session.warnings.append(f"{exc} — opened read-only here.")
-            return session
-
-    def exists(self, task_id: str) -> bool:
-        return self.store.exists(task_id)
-
-    def list_tasks(self) -> list[Any]:
-        return self.store.list_tasks()
-
-    def close(self) -> None:
-        with self._lock:
-            engine, self._engine = self._engine, None
-        if engine is not None and self._owns_engine:
-            close = getattr(engine, "close", None)
-            if close is not None:
-                close()
+from steer_tui.ui.session_factory import SessionFactory
 
 
 class SteerApp(App[int]):
@@ -284,97 +194,6 @@ class SteerApp(App[int]):
             )
 
 
-def make_app(
-    *,
-    session_factory: SessionFactory,
-    tasks: list[Any] | None = None,
-    config: UIConfig | None = None,
-    task_id: str | None = None,
-    prompt: str | None = None,
-    messages: list[dict[str, str]] | None = None,
-    system: str | None = None,
-    raw: bool = False,
-    startup_messages: list[str] | None = None,
-    autostart: bool = True,
-) -> SteerApp:
-    """Build the app (shared by the CLI and the tests)."""
-    return SteerApp(
-        session_factory=session_factory,
-        tasks=tasks,
-        config=config,
-        task_id=task_id,
-        prompt=prompt,
-        messages=messages,
-        system=system,
-        raw=raw,
-        startup_messages=startup_messages,
-        autostart=autostart,
-    )
-
-
-def run_app(ns: argparse.Namespace) -> int:
-    """Run the app for ``steer-tui session`` (``ns`` as parsed by steer_tui.cli).
-
-    Bad arguments (missing model, unknown task, unusable task file, bad config) raise the
-    project's error types before the terminal is taken over; the CLI prints them."""
-    from steer_tui.core.models import check_gguf
-    from steer_tui.core.tasks import load_task_queue
-
-    from steer_tui.cli import CliError
-
-    try:
-        config = load_config()
-    except ConfigError as exc:
-        raise CliError(str(exc)) from None  # a user error: the CLI prints it as one line
-    if getattr(ns, "model", None):
-        check_gguf(ns.model)
-    if getattr(ns, "adapter", None):
-        check_gguf(ns.adapter)
-    store = Store(getattr(ns, "store", None))
-    task_id = getattr(ns, "task", None)
-    if task_id is not None and not store.exists(task_id):
-        raise StoreError(f"--task {task_id!r}: no such task in {store.root} (steer-tui list shows them)")
-    tasks, errors = (None, [])
-    if getattr(ns, "tasks", None):
-        tasks, errors = load_task_queue(ns.tasks)
-    sampling = dict(config.sampling)
-    for field in ("temperature", "seed", "max_tokens"):
-        value = getattr(ns, field, None)
-        if value is not None:
-            sampling[field] = value
-    annotator = getattr(ns, "annotator", None) or config.annotator
-
-    def load_engine() -> Any:
-        from steer_tui.core.engine import open_engine
-
-        return open_engine(
-            getattr(ns, "model", None),
-            n_ctx=getattr(ns, "n_ctx", 4096) or 4096,
-            n_gpu_layers=getattr(ns, "n_gpu_layers", -1),
-            adapter=getattr(ns, "adapter", None),
-            seed=getattr(ns, "seed", None),
-            extra_bufts=getattr(ns, "extra_bufts", None),
-        )
-
-    factory = SessionFactory(
-        store=store,
-        engine_loader=load_engine,
-        sampling=sampling,
-        annotator=annotator,
-        read_only=bool(getattr(ns, "read_only", False)),
-    )
-    app = make_app(
-        session_factory=factory,
-        tasks=tasks,
-        config=config,
-        task_id=task_id,
-        prompt=getattr(ns, "prompt", None),
-        system=getattr(ns, "system", None),
-        raw=bool(getattr(ns, "raw", False)),
-        startup_messages=[f"skipped {e}" for e in errors],
-    )
-    try:
-        code = app.run()
-    finally:
-        factory.close()
-    return int(code or 0)
+def make_app(*, session_factory: SessionFactory, **options: Any) -> SteerApp:
+    """Build the app (shared by the CLI and the tests); ``options`` are ``SteerApp``'s."""
+    return SteerApp(session_factory=session_factory, **options)

@@ -74,7 +74,7 @@ def _default_annotator() -> str | None:
         import getpass
 
         return getpass.getuser()
-    except Exception:  # no login name in some containers
+    except (KeyError, OSError):  # no login name in some containers (no passwd entry)
         return None
 
 

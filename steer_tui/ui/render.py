@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from rich.text import Text
-
 from steer_tui.core import safe_text as _core
 
 
@@ -30,7 +28,9 @@ def one_line(text: str, limit: int | None = None) -> str:
     return s
 
 
-def safe_text(text: str, style: str = "", *, single_line: bool = False, limit: int | None = None) -> Text:
-    """A :class:`rich.text.Text` showing ``text`` literally (never parsed as markup)."""
-    s = one_line(text, limit) if single_line else visible(text)
-    return Text(s, style=style, no_wrap=single_line, overflow="ellipsis" if single_line else "fold")
+TITLE_CHARS = 60  # a task title shown on one line (tree view header), at most
+
+
+def title_line(title: str) -> str:
+    """A task title as one visible line of at most ``TITLE_CHARS`` characters."""
+    return one_line(title, TITLE_CHARS)

@@ -155,8 +155,9 @@ def run_app(store: Store, task_id: str, rng: random.Random) -> None:
     from textual.widgets import Input
 
     from steer_tui.core.fake_engine import FakeEngine
-    from steer_tui.ui.app import SessionFactory, make_app
+    from steer_tui.ui.app import make_app
     from steer_tui.ui.config import UIConfig
+    from steer_tui.ui.session_factory import SessionFactory
 
     # no annotator: a queue line's "id" is then the task id as is (with an annotator the
     # app names queue tasks "<id>-<annotator>"), so the checker finds tasks/<task_id>.json
@@ -176,7 +177,7 @@ def run_app(store: Store, task_id: str, rng: random.Random) -> None:
             scr = app.session_screen
             if scr is not None and scr.status.state == "error":
                 raise RuntimeError(f"app could not open the task: {scr.query_one('#prompt-line').render()}")
-            if scr is not None and scr.session is not None and not scr.generating and scr.status.state not in ("loading", "streaming"):
+            if scr is not None and scr.session is not None and not scr.generating and not scr.busy and scr.status.state not in ("loading", "streaming"):
                 return
 
     async def drive() -> None:

@@ -198,8 +198,9 @@ def test_read_only_store_for_real(tiny_tmpfs):
 
 async def test_app_shows_save_error_keeps_data_and_retries(tmp_path, monkeypatch):
     from steer_tui.core.fake_engine import FakeEngine
-    from steer_tui.ui.app import SessionFactory, make_app
+    from steer_tui.ui.app import make_app
     from steer_tui.ui.config import UIConfig
+    from steer_tui.ui.session_factory import SessionFactory
 
     store = tmp_path / "store"
     factory = SessionFactory(store=store, engine=FakeEngine(), sampling={"temperature": 0, "seed": 7, "max_tokens": 30}, annotator="t")
@@ -214,7 +215,7 @@ async def test_app_shows_save_error_keeps_data_and_retries(tmp_path, monkeypatch
 
         def idle() -> bool:
             s = app.session_screen
-            return bool(s and s.session and not s.generating and s.status.state not in ("loading", "streaming"))
+            return bool(s and s.session and not s.generating and not s.busy and s.status.state not in ("loading", "streaming"))
 
         await until(idle, "the first answer")
         scr = app.session_screen
@@ -234,6 +235,6 @@ async def test_app_shows_save_error_keeps_data_and_retries(tmp_path, monkeypatch
             assert path.read_bytes() == before and not _tmp_files(path.parent)
         # the disk has room again: the next retry saves
         await until(lambda: scr.status.save_state == "saved", "the retry that succeeds")
-        assert "Saved after retrying." in [n.message for n in app._notifications]
+        await until(lambda: "Saved after retrying." in [n.message for n in app._notifications], "the notice")
         assert load_tree(path).accepted == scr.session.tree.accepted
     factory.close()

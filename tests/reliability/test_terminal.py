@@ -88,7 +88,9 @@ def test_export_keeps_text_exactly(tmp_path):
 async def test_app_renders_hostile_text_literally(tmp_path):
     from textual.widgets import Input
 
-    from steer_tui.ui.app import SessionFactory, make_app
+    from steer_tui.ui.app import make_app
+
+    from steer_tui.ui.session_factory import SessionFactory
     from steer_tui.ui.config import UIConfig
 
     f = SessionFactory(store=tmp_path / "s", engine=FakeEngine(scripts=(HOSTILE,)), sampling={"temperature": 0, "seed": 1, "max_tokens": 200})
@@ -98,7 +100,7 @@ async def test_app_renders_hostile_text_literally(tmp_path):
         for _ in range(500):
             await pilot.pause(0.02)
             s = app.session_screen
-            if s and s.session and not s.generating and s.status.state not in ("loading", "streaming"):
+            if s and s.session and not s.generating and not s.busy and s.status.state not in ("loading", "streaming"):
                 return s
         raise AssertionError("not idle")
 

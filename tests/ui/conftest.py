@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from steer_tui.core.fake_engine import FakeEngine
-from steer_tui.ui.app import SessionFactory, make_app
+from steer_tui.ui.app import make_app
 from steer_tui.ui.config import UIConfig
+from steer_tui.ui.session_factory import SessionFactory
 
 SCRIPTS = (
     "1. Apple\n2. Banana\n3. Cherry\n4. Mango",
@@ -77,6 +78,7 @@ async def wait_idle(pilot, app, timeout: float = 10.0) -> None:
             scr is not None
             and scr.session is not None
             and not scr.generating
+            and not scr.busy
             and not scr.steering
             and scr.status.state not in ("loading", "streaming", "steering")
         ):

@@ -9,7 +9,8 @@ from textual.widgets import DataTable, OptionList, Tree
 
 from steer_tui.core.store import StoreError
 from steer_tui.core.tasks import load_task_queue
-from steer_tui.ui.app import SessionFactory, make_app
+from steer_tui.ui.app import make_app
+from steer_tui.ui.session_factory import SessionFactory
 from steer_tui.ui.screens.alternatives import AlternativesScreen
 from steer_tui.ui.screens.help import HelpScreen
 from steer_tui.ui.screens.picker import PickerScreen
@@ -343,14 +344,14 @@ class RetrySpy:
     any moment when a second one is armed while one is still pending."""
 
     def __init__(self, scr) -> None:
-        from steer_tui.ui.screens.session import SessionScreen
+        from steer_tui.ui.screens.saving import SaveKeeper
 
         self.armed = self.fired = 0
         self.piled_up: list[int] = []
         real_set_timer = scr.set_timer
 
         def set_timer(delay, callback=None, *args, **kwargs):
-            if getattr(callback, "__func__", None) is SessionScreen._retry_save:
+            if getattr(callback, "__func__", None) is SaveKeeper.retry:
                 if self.armed > self.fired:
                     self.piled_up.append(self.armed - self.fired + 1)
                 self.armed += 1
@@ -404,7 +405,7 @@ async def test_save_failure_keeps_data_and_the_timer_retries(app_for, store, mon
         state["fail"] = False
         await wait_for(pilot, lambda: scr.status.save_state == "saved", what="the retry that succeeds")
         assert read_task(store)["accepted"] == scr.session.tree.accepted
-        assert "Saved after retrying." in notices(app)
+        await wait_for(pilot, lambda: "Saved after retrying." in notices(app), what="the notice (posted to the app)")
         fired = spy.fired
         await pilot.pause(5 * scr.save_retry_seconds)
         assert spy.fired == fired and spy.armed == spy.fired  # saved: nothing is retried any more
@@ -443,7 +444,7 @@ async def test_save_retry_waits_for_a_generation_and_never_piles_up(store, confi
         await wait_idle(pilot, app)
         state["fail"] = False
         await wait_for(pilot, lambda: scr.status.save_state == "saved", what="the retry after the stream")
-        assert "Saved after retrying." in notices(app)
+        await wait_for(pilot, lambda: "Saved after retrying." in notices(app), what="the notice (posted to the app)")
         data = read_task(store)
         assert data["accepted"] == scr.session.tree.accepted
         assert nodes_by_id(data).keys() == {n.id for n in scr.session.tree.nodes}
@@ -644,21 +645,25 @@ async def test_correction_with_newline(app_for, store):
     assert h["text"] == "Fig\n2."
 
 
-def test_steer_rows_and_count_match_the_tree(fake_engine, store):
-    # the stats table is computed in O(nodes); it must agree with tree.steers()
-    from steer_tui.core.session import Session
-    from steer_tui.ui.screens.stats import count_steers, steer_rows
+async def test_a_typed_newline_glyph_is_saved_as_typed(app_for, store):
+    """The editor draws a newline (ctrl+j) as ↵, but the glyph is display only: a ↵ the user
+    types is text, and the saved correction holds exactly what was typed."""
+    from textual import events
 
-    with Session.create(store=store, prompt="fruits", model=fake_engine, sampling={"temperature": 0, "seed": 1}) as s:
-        list(s.generate())
-        for at, text in ((20, "X"), (12, "Kiwi"), (5, "pp"), (10, "Q")):
-            s.rollback(at)
-            s.correct(text)
-            list(s.generate(max_tokens=8))
-        s.undo()
-        tree = s.tree
-        n_prompt = len(tree.prompt_tokens)
-        expected = {st.node.id: (len(st.prefix) - n_prompt, tree.is_discarded(st.node.id)) for st in tree.steers(include_discarded=True)}
-        rows = {r.node_id: (r.position, r.discarded) for r in steer_rows(tree)}
-        assert rows == expected and len(rows) == 4
-        assert count_steers(tree) == len(tree.steers()) == 3
+    from steer_tui.ui.widgets.correction import CorrectionInput
+
+    app = app_for(prompt="fruits")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_idle(pilot, app)
+        app.session_screen.view.cursor = 9
+        await pilot.press("enter", *"Fig")
+        # as a terminal sends it (pilot.press cannot: it finds no character for this key name)
+        app.post_message(events.Key("downwards_arrow_with_corner_leftwards", "↵"))
+        await pilot.press("ctrl+j", *"2.")
+        editor = app.session_screen.query_one(CorrectionInput)
+        assert editor.value == "Fig↵\n2."
+        assert editor._value.plain == "Fig↵↵2."  # both drawn alike, one cell each
+        await pilot.press("enter")
+        await wait_idle(pilot, app)
+    h = next(n for n in read_task(store)["nodes"] if n["author"] == "human")
+    assert h["text"] == "Fig↵\n2."

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from steer_tui.ui.app import SessionFactory, make_app
+from steer_tui.ui.app import make_app
+
+from steer_tui.ui.session_factory import SessionFactory
 from steer_tui.ui.config import UIConfig
 from steer_tui.ui.screens.alternatives import AlternativesScreen
 

@@ -4,8 +4,9 @@ control characters are shown as text and saved verbatim: never interpreted."""
 from __future__ import annotations
 
 from steer_tui.core.fake_engine import FakeEngine
-from steer_tui.ui.app import SessionFactory, make_app
+from steer_tui.ui.app import make_app
 from steer_tui.ui.config import UIConfig
+from steer_tui.ui.session_factory import SessionFactory
 from steer_tui.ui.screens.tree import TreeScreen
 
 from .conftest import nodes_by_id, read_task, saved_response_text, wait_for, wait_idle

@@ -4,8 +4,9 @@ accept a deliberate change; the SVGs live in tests/ui/__snapshots__/)."""
 from __future__ import annotations
 
 from steer_tui.core.fake_engine import FakeEngine
-from steer_tui.ui.app import SessionFactory, make_app
+from steer_tui.ui.app import make_app
 from steer_tui.ui.config import UIConfig
+from steer_tui.ui.session_factory import SessionFactory
 
 from .conftest import SCRIPTS, wait_idle
 

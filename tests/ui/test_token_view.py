@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from textual.app import App, ComposeResult
 
 from steer_tui.ui.render import one_line, visible
-from steer_tui.ui.widgets.token_view import Piece, TokenView
+from steer_tui.ui.path_model import Piece
+from steer_tui.ui.widgets.token_view import TokenView
 
 
 class ViewApp(App[None]):
@@ -67,17 +68,6 @@ async def test_incremental_layout_equals_full_layout():
                 batch.insert(0, Piece("rejected text\nwith newline", "rejected"))
             all_pieces += batch
             tv.append(batch)
-            if rnd.random() < 0.08:
-                n = rnd.randint(0, tv.n_tokens)
-                tv.truncate(n)
-                keep, seen = [], 0
-                for p in all_pieces:
-                    if p.selectable:
-                        if seen == n:
-                            break
-                        seen += 1
-                    keep.append(p)
-                all_pieces = keep
             if rnd.random() < 0.05:
                 tv.set_pending(rnd.randint(0, tv.n_tokens), "typed\ttext")
                 tv.set_pending(None)

@@ -1,11 +1,9 @@
 """``s``: the steers of this task — where the cuts fell, rejected vs chosen side by side,
 and how likely the model already found each correction (flagging steers whose first
-chosen token the model ranked first anyway: those teach it nothing)."""
+chosen token the model ranked first anyway: those teach it nothing). The numbers come
+from :mod:`steer_tui.core.stats`; this module draws them."""
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -14,112 +12,15 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
+from steer_tui.core.stats import steer_rows
 from steer_tui.core.tree import SteerTree
 from steer_tui.ui.render import one_line
 
 BARS = " ▁▂▃▄▅▆▇█"
 
 
-@dataclass
-class SteerRow:
-    node_id: str
-    position: int  # response token index where the cut fell
-    kind: str
-    rejected: str
-    chosen: str
-    p_chosen: float | None  # model probability of the whole correction
-    p_first: float | None  # of its first token
-    rank_first: int | None  # rank of its first token in the top-k at the cut (1 = best); None: not in top-k
-    discarded: bool
-
-
-def count_steers(tree: SteerTree) -> int:
-    """Steers that count for training (not undone, nor under an undone node), in O(nodes)."""
-    if not tree.discarded:
-        return sum(1 for n in tree.nodes if n.is_steer)
-    gone = set(tree.discarded)
-    parent = {n.id: n.parent for n in tree.nodes}
-    dead: dict[str | None, bool] = {None: False}
-
-    def is_dead(nid: str | None) -> bool:
-        chain = []
-        while nid not in dead:
-            if nid in gone:
-                dead[nid] = True
-                break
-            chain.append(nid)
-            nid = parent[nid]
-        value = dead[nid]
-        for c in chain:
-            dead[c] = value
-        return value
-
-    return sum(1 for n in tree.nodes if n.is_steer and not is_dead(n.id))
-
-
-def steer_rows(tree: SteerTree) -> list[SteerRow]:
-    """One row per steer (undone ones included, flagged), in O(nodes): a 500-steer task's
-    ``tree.steers()`` would build every prefix, which the table does not need."""
-    parent = {n.id: n.parent for n in tree.nodes}
-    length = {n.id: len(n.tokens) for n in tree.nodes}
-    gone = set(tree.discarded)
-    depth: dict[str | None, int] = {None: 0}  # response tokens before a node ends
-    dead: dict[str | None, bool] = {None: False}
-
-    def resolve(nid: str | None) -> None:
-        chain = []
-        while nid not in depth:
-            chain.append(nid)
-            nid = parent[nid]
-        for c in reversed(chain):
-            p = parent[c]
-            depth[c] = depth[p] + length[c]
-            dead[c] = dead[p] or c in gone
-
-    rows = []
-    for h in tree.nodes:
-        if not h.is_steer:
-            continue
-        resolve(h.id)
-        replaced = tree.node(h.replaces)  # type: ignore[arg-type]
-        lps = h.logprobs
-        p_chosen = math.exp(sum(lps)) if lps else None
-        p_first = math.exp(lps[0]) if lps else None
-        rank = None
-        tops = h.top[0] if h.top else (replaced.top[0] if replaced.top else None)
-        if tops and h.tokens:
-            for i, (tid, _lp) in enumerate(tops, start=1):
-                if int(tid) == h.tokens[0]:
-                    rank = i
-                    break
-        rows.append(
-            SteerRow(
-                node_id=h.id,
-                position=depth[h.parent],
-                kind=h.kind,
-                rejected=_joined_text(tree, replaced.id),
-                chosen=h.text,
-                p_chosen=p_chosen,
-                p_first=p_first,
-                rank_first=rank,
-                discarded=dead[h.id],
-            )
-        )
-    return rows
-
-
-def _joined_text(tree: SteerTree, node_id: str) -> str:
-    text = tree.node(node_id).text
-    cur = node_id
-    while True:
-        nxt = next((c for c in tree.children(cur) if c.extra.get("split_from") == cur), None)
-        if nxt is None:
-            return text
-        text += nxt.text
-        cur = nxt.id
-
-
 def histogram(positions: list[int], bins: int = 20) -> str:
+    """One line of bars: how many cuts fell in each of ``bins`` stretches of the response."""
     if not positions:
         return ""
     top = max(positions) + 1

@@ -17,8 +17,8 @@ from textual.widgets import Static, Tree
 from textual.widgets.tree import TreeNode
 
 from steer_tui.core.tree import Node, SteerTree
-from steer_tui.ui.render import one_line
-from steer_tui.ui.screens.stats import count_steers
+from steer_tui.ui.render import one_line, title_line
+from steer_tui.core.stats import count_steers
 
 KIND_MARK = {"generated": "·", "correction": "✎", "pick": "◆", "append": "+"}
 
@@ -62,13 +62,13 @@ class TreeScreen(ModalScreen[str | None]):
         with Vertical(id="tree-box"):
             yield Static(
                 Text(
-                    f"{one_line(tr.title, 60)} — {len(tr.nodes)} nodes, {n_steers} steers, "
+                    f"{title_line(tr.title)} — {len(tr.nodes)} nodes, {n_steers} steers, "
                     f"{len(tr.accepted)} accepted   (● current path ✎ correction ◆ pick + append; enter jumps)",
                     no_wrap=False,
                 ),
                 id="tree-title",
             )
-            widget: Tree[str] = Tree(Text(one_line(tr.title, 60) or tr.id), id="task-tree")
+            widget: Tree[str] = Tree(Text(title_line(tr.title) or tr.id), id="task-tree")
             widget.guide_depth = 2
             yield widget
 

@@ -12,9 +12,6 @@ rejected text of earlier steers) are shown but never selected.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 from rich.cells import cell_len
 from rich.segment import Segment
 from rich.style import Style
@@ -26,43 +23,13 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from steer_tui.ui.keys import CURSOR_KEYS, bindings
+from steer_tui.ui.path_model import Piece
 from steer_tui.ui.render import visible
+from steer_tui.ui.widgets.prob_colors import PROB_STYLES, prob_bucket
 
 END = -1  # layout key of the end-of-response cell
 PENDING = -2  # layout key of the inline correction being typed
-
-
-@dataclass(slots=True)
-class Piece:
-    """One thing to draw: a response token, or a span of rejected text."""
-
-    text: str
-    author: str = "model"  # "model" | "human" | "rejected"
-    logprob: float | None = None
-
-    @property
-    def selectable(self) -> bool:
-        return self.author != "rejected"
-
-
-def _prob_styles() -> list[Style]:
-    # red (unlikely) -> yellow -> green (likely), 11 buckets of probability
-    out = []
-    for i in range(11):
-        p = i / 10
-        r = int(255 * min(1.0, 2 * (1 - p)))
-        g = int(200 * min(1.0, 2 * p))
-        out.append(Style(color=f"rgb({r},{g},60)"))
-    return out
-
-
-_PROB_STYLES = _prob_styles()
-
-
-def prob_bucket(logprob: float | None) -> int | None:
-    if logprob is None:
-        return None
-    return max(0, min(10, int(round(math.exp(logprob) * 10))))
+NO_KEY = -3  # matches no layout key (no cursor drawn, no pending text)
 
 
 class TokenView(ScrollView, can_focus=True):
@@ -143,10 +110,6 @@ class TokenView(ScrollView, can_focus=True):
     def n_tokens(self) -> int:
         return len(self._tok_item)
 
-    @property
-    def pieces(self) -> list[Piece]:
-        return self._items
-
     def token_text(self, index: int) -> str:
         return self._items[self._tok_item[index]].text
 
@@ -173,18 +136,6 @@ class TokenView(ScrollView, can_focus=True):
         self._add(pieces)
         first = self._relayout(max(0, start - 1))
         self._changed(first)
-
-    def truncate(self, n_tokens: int) -> None:
-        """Drop tokens from ``n_tokens`` on (and any rejected pieces after them)."""
-        if n_tokens >= self.n_tokens:
-            return
-        cut = self._tok_item[n_tokens]
-        del self._items[cut:], self._disp[cut:], self._item_tok[cut:]
-        del self._tok_item[n_tokens:]
-        self._relayout(max(0, cut - 1))
-        if self.cursor > self.n_tokens:
-            self.set_reactive(TokenView.cursor, self.n_tokens)
-        self._changed()
 
     def set_pending(self, index: int | None, text: str = "") -> None:
         """Show ``text`` inline before token ``index`` and strike what follows (None: off)."""
@@ -238,7 +189,7 @@ class TokenView(ScrollView, can_focus=True):
         col = 0
         cur_first = start
         cur_cont = False
-        pending_item = self._item_of_tok(self._pending_at) if self._pending_at is not None else -10
+        pending_item = self._item_of_tok(self._pending_at) if self._pending_at is not None else NO_KEY
         disp = self._disp
 
         def flush(next_item: int, cont: bool) -> None:
@@ -345,7 +296,7 @@ class TokenView(ScrollView, can_focus=True):
             base = self._base_style = self.rich_style
         if line_no >= len(self._lines):
             return Strip.blank(width, base)
-        cursor_item = self._item_of_tok(self.cursor) if self.show_cursor else -10
+        cursor_item = self._item_of_tok(self.cursor) if self.show_cursor else NO_KEY
         if cursor_item == len(self._items):
             cursor_item = END
         segments = []
@@ -387,7 +338,7 @@ class TokenView(ScrollView, can_focus=True):
                 if self.prob_colors:
                     b = prob_bucket(item.logprob)
                     if b is not None:
-                        style = _PROB_STYLES[b]
+                        style = PROB_STYLES[b]
                 if item.author == "human":
                     human = self.get_component_rich_style("token-view--human")
                     style = (human + style) if self.prob_colors else human
@@ -535,4 +486,4 @@ class TokenView(ScrollView, can_focus=True):
         return len(self._lines)
 
 
-__all__ = ["Piece", "TokenView", "prob_bucket"]
+__all__ = ["TokenView"]
