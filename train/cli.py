@@ -16,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from train.config import ConfigError, TrainConfig, load_toml, make_config
+from train.config import (ATTN_IMPLS, KL_MODES, LOSS_TYPES, OBJECTIVES, PACKINGS, ConfigError, TrainConfig, load_toml,
+                          make_config)
 
 log = logging.getLogger("steer-train")
 _D = TrainConfig()
@@ -33,21 +34,22 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory")
     p.add_argument("--model", metavar="HF_ID|DIR|FILE.gguf", help="default: the local GGUF recorded in the trees")
     p.add_argument("--config", metavar="FILE.toml", help="TOML with any of the options below (flags win)")
-    p.add_argument("--objective", choices=["sft", "dpo", "sft+dpo"])
-    p.add_argument("--packing", choices=["tree", "none"])
+    p.add_argument("--objective", choices=OBJECTIVES)
+    p.add_argument("--packing", choices=PACKINGS)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--epochs", type=float)
     p.add_argument("--lr", type=float)
     p.add_argument("--beta", type=float)
-    p.add_argument("--loss-type", choices=["sigmoid", "ipo"])
+    p.add_argument("--loss-type", choices=LOSS_TYPES)
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--length-normalize", action="store_true", default=None)
     p.add_argument("--sft-weight", type=float)
     p.add_argument("--dpo-weight", type=float)
     p.add_argument("--rpo-alpha", type=float, help="SFT term on the chosen span (RPO-style)")
-    p.add_argument("--kl-weight", type=float, help="reference KL on model-written tokens")
-    p.add_argument("--kl-mode", choices=["full", "token"],
-                   help="full: exact KL over the vocabulary (one extra no-grad forward); token: k3 estimate")
+    p.add_argument("--kl-weight", type=float, help="weight of the reference-KL term (--kl-mode) on model-written tokens")
+    p.add_argument("--kl-mode", choices=KL_MODES,
+                   help="full: exact KL(policy || base) over the vocabulary (one extra no-grad forward); token: k3 "
+                   "estimate of the reverse direction, KL(base || policy), from the sampled tokens only")
     p.add_argument("--lora-r", type=int)
     p.add_argument("--lora-alpha", type=float)
     p.add_argument("--lora-dropout", type=float)
@@ -65,7 +67,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    p.add_argument("--attn-impl", choices=["auto", "sdpa", "flex", "eager"],
+    p.add_argument("--attn-impl", choices=ATTN_IMPLS,
                    help="attention kernel (default auto: sdpa; eager for models with attention softcapping, "
                    "flex for those on CUDA)")
     p.add_argument("--ignore-memory-check", dest="memory_check", action="store_false", default=None,
@@ -107,7 +109,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="HF_ID|DIR|FILE.gguf")
     p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory (a steer-train --out)")
     p.add_argument("--beta", type=float, default=_D.beta)
-    p.add_argument("--packing", choices=["tree", "none"], default="tree")
+    p.add_argument("--packing", choices=PACKINGS, default=_D.packing)
     p.add_argument("--eval-fraction", type=float, default=0.0,
                    help="score only the held-out split a training run with this fraction/seed used (default: all)")
     p.add_argument("--seed", type=int, default=_D.seed)

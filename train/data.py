@@ -31,16 +31,15 @@ warning is logged once.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from steer_tui.core.store import StoreError, load_tree
 from steer_tui.core.tree import Node, SteerTree, TreeError
+from train.config import OBJECTIVES
 
 log = logging.getLogger(__name__)
 
@@ -121,19 +120,6 @@ class TaskExample:
 
     def __post_init__(self) -> None:
         self.group = self.group or self.task
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "group": self.group,
-            "sft": [s.__dict__ for s in self.sft],
-            "pairs": [p.__dict__ for p in self.pairs],
-            "retokenized": self.retokenized,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TaskExample:
-        return cls(d["task"], [SFTSeq(**s) for s in d["sft"]], [Pair(**p) for p in d["pairs"]], d["retokenized"], d.get("group", ""))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -524,8 +510,8 @@ def build_dataset(
         rep = load_trees(sources)
         trees, errors, files = rep.trees, rep.errors, rep.files
     tasks = [build_task(t, opts, vocab) for t in trees]
-    if objective not in ("sft", "dpo", "sft+dpo"):
-        raise DataError(f"--objective must be sft, dpo or sft+dpo, not {objective!r}")
+    if objective not in OBJECTIVES:
+        raise DataError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
 
     def has_sft(t: TaskExample) -> bool:
         return any(any(w > 0 for w in s.weights) for s in t.sft)
@@ -549,14 +535,3 @@ def build_dataset(
 def tree_models(trees: Iterable[SteerTree]) -> list[dict]:
     return [dict(t.model or {}) for t in trees]
 
-
-def dump_jsonl(examples: Iterable[TaskExample], path: str | os.PathLike[str]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for e in examples:
-            fh.write(json.dumps(e.to_dict()) + "\n")
-
-
-def shuffled(items: Sequence[Any], seed: int) -> list[Any]:
-    out = list(items)
-    random.Random(seed).shuffle(out)
-    return out

@@ -47,9 +47,6 @@ SUPPORTED = {
     "phi3": "Phi3ForCausalLM",
 }
 
-#: GGUF architectures whose q/k rows convert_hf_to_gguf permutes (rotary pairs interleaved)
-PERMUTED_QK = {"llama"}
-
 #: llama.cpp names of architectures that are mixtures of experts (refused by name even before
 #: looking at tensors)
 MOE_ARCHS = {

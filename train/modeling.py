@@ -139,13 +139,6 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("steer-tui"))
 
 
-def gguf_architecture(path: str | os.PathLike[str]) -> str:
-    """``general.architecture`` of a GGUF file (e.g. ``"llama"``)."""
-    from train.gguf_model import read_meta
-
-    return read_meta(path).arch
-
-
 @contextlib.contextmanager
 def _file_lock(path: Path):
     """Exclusive inter-process lock (several DDP ranks may convert the same GGUF)."""
@@ -332,7 +325,6 @@ def check_loading_info(info: dict, what: str) -> None:
 # ---------------------------------------------------------------------------- LoRA targets
 
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value", "c_attn", "out_proj", "dense")
-MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "c_proj", "w1", "w2", "w3")
 
 
 def lora_target_modules(model, *, mlp: bool = True) -> list[str]:
