@@ -159,7 +159,8 @@ def _run(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> int:
     try:
         from train.check import ModelMismatch
         from train.memory import MemoryRefused
-        from train.trainer import NonFiniteLoss, run_training
+        from train.run import run_training
+        from train.trainer import NonFiniteLoss
     except ImportError as exc:
         return _fail(f"the training extra is not installed ({exc}); run `pip install 'steer[train]'`")
     try:

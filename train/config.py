@@ -135,6 +135,16 @@ class TrainConfig:
             raise bad("rejected_tokens", f"must be >= 1, got {self.rejected_tokens}")
         return self
 
+    @property
+    def full_kl(self) -> bool:
+        """Whether the loss has the exact KL(policy ‖ reference) term (``kl_mode = "full"``)."""
+        return self.kl_weight > 0 and self.kl_mode == "full"
+
+    @property
+    def token_kl(self) -> bool:
+        """Whether the loss has the one-token KL(reference ‖ policy) estimate (``kl_mode = "token"``)."""
+        return self.kl_weight > 0 and self.kl_mode == "token"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

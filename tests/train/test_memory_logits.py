@@ -169,7 +169,8 @@ def test_trainer_loss_terms_equal_with_and_without_chunking(monkeypatch, tmp_pat
     from train import packing
     from train.config import make_config
     from train.data import DataOptions, build_task
-    from train.trainer import SteerTrainer, TaskDataset, build_peft_model, training_arguments
+    from train.model_setup import build_peft_model
+    from train.trainer import SteerTrainer, TaskDataset, training_arguments
 
     cfg = make_config(data=["x"], out=str(tmp_path), objective="sft+dpo", lora_r=4, lora_dropout=0.0,
                       kl_weight=2.0, rpo_alpha=0.5, progress=False)
