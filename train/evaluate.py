@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from train.data import Pair, TaskExample
-from train.packing import token_logprobs
+from train.logprobs import token_logprobs
 from train.reference import eval_mode
 
 

@@ -1,7 +1,7 @@
 """Loss functions: tensors in, tensors out.
 
 Nothing here runs a model. Every function takes per-token log-probabilities that
-``train.packing.token_logprobs`` produced (``out[i][j] = log p(seq[i][j+1] | seq[i][:j+1])``)
+``train.logprobs.token_logprobs`` produced (``out[i][j] = log p(seq[i][j+1] | seq[i][:j+1])``)
 plus weights or spans that ``train.data`` built before any model existed, and returns
 tensors. Shapes are documented per function; ``B`` = number of sequences, ``T`` = padded
 length of the *prediction* axis (sequence length - 1), ``N`` = number of steers.

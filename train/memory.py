@@ -166,7 +166,7 @@ def probe_saved_bytes(model, tokens: int, *, kl: bool = True, packing: str = "tr
     """Bytes saved for backward by one row of ``tokens`` tokens: log-probs of every
     prediction plus (``kl``) the full KL at every position against a no-grad reference pass."""
     from train.losses import full_reference_kl
-    from train.packing import token_logprobs
+    from train.logprobs import token_logprobs
 
     vocab = int(getattr(model.config, "vocab_size", 0) or 0) or 2
     seq = [int(x) for x in (np.arange(tokens) * 7 + 3) % vocab]

@@ -17,7 +17,7 @@ import torch
 from train.batching import Batch
 from train.config import TrainConfig
 from train.data import TaskExample
-from train.packing import token_logprobs
+from train.logprobs import token_logprobs
 
 
 @contextlib.contextmanager

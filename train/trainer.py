@@ -1,7 +1,7 @@
 """The ``transformers.Trainer`` of steer trees: a thin subclass, its dataset and its arguments.
 
 * The dataset unit is one task (:class:`train.data.TaskExample`); the collator keeps token
-  lists as they are (no padding: ``train.packing.token_logprobs`` packs them).
+  lists as they are (no padding: ``train.logprobs.token_logprobs`` packs them).
 * ``compute_loss`` turns a batch into token sequences (`train.batching.Batch`: SFT paths,
   prefix+chosen, prefix+rejected), gets every sequence's per-token log-probs from **one**
   ``token_logprobs`` call per micro-batch, and combines the loss terms of ``train.losses``.
@@ -29,7 +29,7 @@ from train.config import TrainConfig
 from train.data import TaskExample
 from train.losses import (chosen_nll, dpo_loss, dpo_metrics, full_reference_kl, pad_logps, reference_kl, span_logps,
                           weighted_nll)
-from train.packing import token_logprobs
+from train.logprobs import token_logprobs
 from train.reference import ReferenceCache, reference_mode
 
 

@@ -200,7 +200,7 @@ def test_export_architecture_names():
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_tree_packing_equals_linear(name, fams):
     from train.modeling import load_model, resolve_model
-    from train.packing import token_logprobs
+    from train.logprobs import token_logprobs
 
     model, _, _ = load_model(resolve_model(str(fams[name]["gguf"])))
     model.eval()

@@ -61,7 +61,7 @@ def test_reference_is_the_adapter_disabled_model(tmp_path):
     cfg = make_config(data=["x"], out=str(tmp_path), lora_r=4, lora_dropout=0.0)
     base = tiny_llama()
     tasks = [build_task(synthetic_tree("t", 1), DataOptions())]
-    from train.packing import token_logprobs
+    from train.logprobs import token_logprobs
 
     b = Batch(tasks, use_sft=True, use_pairs=True)
     with torch.no_grad():
