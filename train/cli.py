@@ -23,6 +23,13 @@ log = logging.getLogger("steer-train")
 _D = TrainConfig()
 
 
+def _values(p: argparse.ArgumentParser, *flags: tuple[str, type]) -> None:
+    """Options that take one value of a type and need no help text beyond their name (each
+    a `TrainConfig` field; left unset, None, so the TOML or the default applies)."""
+    for flag, typ in flags:
+        p.add_argument(flag, type=typ)
+
+
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="steer-train",
@@ -36,36 +43,23 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.toml", help="TOML with any of the options below (flags win)")
     p.add_argument("--objective", choices=OBJECTIVES)
     p.add_argument("--packing", choices=PACKINGS)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--beta", type=float)
+    _values(p, ("--max-steps", int), ("--epochs", float), ("--lr", float), ("--beta", float))
     p.add_argument("--loss-type", choices=LOSS_TYPES)
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--length-normalize", action="store_true", default=None)
-    p.add_argument("--sft-weight", type=float)
-    p.add_argument("--dpo-weight", type=float)
+    _values(p, ("--sft-weight", float), ("--dpo-weight", float))
     p.add_argument("--rpo-alpha", type=float, help="SFT term on the chosen span (RPO-style)")
     p.add_argument("--kl-weight", type=float, help="weight of the reference-KL term (--kl-mode) on model-written tokens")
     p.add_argument("--kl-mode", choices=KL_MODES,
                    help="full: exact KL(policy || base) over the vocabulary (one extra no-grad forward); token: k3 "
                    "estimate of the reverse direction, KL(base || policy), from the sampled tokens only")
-    p.add_argument("--lora-r", type=int)
-    p.add_argument("--lora-alpha", type=float)
-    p.add_argument("--lora-dropout", type=float)
+    _values(p, ("--lora-r", int), ("--lora-alpha", float), ("--lora-dropout", float))
     p.add_argument("--no-lora-mlp", dest="lora_mlp", action="store_false", default=None, help="LoRA on attention only")
     p.add_argument("--lora-layers", help="blocks that get LoRA: all (default), last:N, or 0-based 'A-B,C'")
-    p.add_argument("--eval-fraction", type=float)
-    p.add_argument("--model-token-weight", type=float)
-    p.add_argument("--accepted-weight", type=float)
-    p.add_argument("--chosen-continuation", type=int)
-    p.add_argument("--rejected-tokens", type=int)
-    p.add_argument("--max-length", type=int)
+    _values(p, ("--eval-fraction", float), ("--model-token-weight", float), ("--accepted-weight", float),
+            ("--chosen-continuation", int), ("--rejected-tokens", int), ("--max-length", int))
     p.add_argument("--batch-size", type=int, help="tasks per device per step")
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--token-budget", type=int)
-    p.add_argument("--save-steps", type=int)
-    p.add_argument("--seed", type=int)
+    _values(p, ("--grad-accum", int), ("--token-budget", int), ("--save-steps", int), ("--seed", int))
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--attn-impl", choices=ATTN_IMPLS,
                    help="attention kernel (default auto: sdpa; eager for models with attention softcapping, "
