@@ -153,7 +153,7 @@ def _run(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> int:
     try:
         from train.check import ModelMismatch
         from train.memory import MemoryRefused
-        from train.run import run_training
+        from train.run import is_main_process, run_training
         from train.trainer import NonFiniteLoss
     except ImportError as exc:
         return _fail(f"the training extra is not installed ({exc}); run `pip install 'steer[train]'`")
@@ -173,7 +173,7 @@ def _run(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> int:
                 f"out of memory ({type(exc).__name__}). Try --batch-size 1, --token-budget 1024, "
                 "--gradient-checkpointing, --max-length, a smaller --lora-r, or --packing tree", 3)
         raise
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         _print_summary(cfg, metrics)
     return 0
 

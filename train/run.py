@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from train import data as D
 from train.batching import Batch
@@ -29,12 +28,13 @@ from train.memory import check_memory
 from train.model_setup import build_peft_model, set_attn_impl, weights_dtype
 from train.modeling import load_model, resolve_model, source_metadata, token_pieces, vocab_sha256_from_pieces
 from train.retokenize import VocabCheck
-from train.trainer import StopOnNonFinite, SteerTrainer, TaskDataset, training_arguments
+from train.trainer import StopOnNonFinite, SteerTrainer, TaskDataset, last_checkpoint, training_arguments
 
 log = logging.getLogger(__name__)
 
 
-def _is_main() -> bool:
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of a ``torchrun``/``accelerate launch`` run (or runs alone)."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -90,7 +90,7 @@ def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dic
     source = resolve_model(cfg.model, D.tree_models(rep.trees))
     model, tokenizer, where = load_model(source, dtype=weights_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
     model_check = None
-    if source.kind == "gguf" and _is_main():
+    if source.kind == "gguf" and is_main_process():
         from train.check import pretraining_check
 
         model_check = pretraining_check(model, source.path, source_metadata(where),
@@ -115,7 +115,7 @@ def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dic
     eval_tasks = ds.eval
     resume = None
     if cfg.resume:
-        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        resume = last_checkpoint(args.output_dir)
         if resume is None:
             log.warning("--resume: no checkpoint in %s; starting fresh", args.output_dir)
     t_train = time.time()

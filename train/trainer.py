@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from train.batching import Batch
 from train.config import TrainConfig
@@ -269,18 +270,12 @@ class SteerTrainer(Trainer):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad)
         if bad.item() > 0:
-            last = self._last_checkpoint()
+            last = last_checkpoint(self.args.output_dir)
             raise NonFiniteLoss(
                 f"loss became {float(loss.detach())} at step {self.state.global_step}; stopping. "
                 + (f"The last good checkpoint is {last}." if last else "No checkpoint was written yet.")
                 + " Try a lower --lr or --beta, or fp32."
             )
-
-    def _last_checkpoint(self) -> str | None:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        d = self.args.output_dir
-        return get_last_checkpoint(d) if d and os.path.isdir(d) else None
 
     # -- logging ---------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -302,6 +297,11 @@ class StopOnNonFinite(TrainerCallback):
         if loss is not None and not math.isfinite(loss):
             control.should_save = False
             control.should_training_stop = True
+
+
+def last_checkpoint(output_dir: str | None) -> str | None:
+    """The newest ``checkpoint-N`` directory in ``output_dir``, or None (none yet, or no directory)."""
+    return get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
 
 
 def training_arguments(cfg: TrainConfig, out_dir, **extra: Any):
