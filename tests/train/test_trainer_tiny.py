@@ -57,6 +57,37 @@ def test_steps_change_lora_and_lower_loss(objective, tmp_path):
         assert trainer.history[-1]["rewards/margin"] > 0
 
 
+def test_eval_mode_scores_without_dropout_and_restores_the_training_flag(tmp_path):
+    """train.reference.eval_mode: eval mode inside (dropout off), the adapter disabled only
+    for the reference, the training flag restored afterwards, also when the body raises."""
+    from train.reference import eval_mode, reference_mode
+
+    cfg = make_config(data=["x"], out=str(tmp_path), lora_r=4, lora_dropout=0.5)
+    model = build_peft_model(tiny_llama(), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model.eval()(input_ids=ids).logits
+        adapted = model(input_ids=ids).logits
+        model.train()
+        with reference_mode(model):
+            assert not model.training
+            torch.testing.assert_close(model(input_ids=ids).logits, base)
+        assert model.training
+        with eval_mode(model):
+            torch.testing.assert_close(model(input_ids=ids).logits, adapted)  # dropout off, adapter on
+        assert model.training
+        model.eval()
+        with pytest.raises(KeyError), reference_mode(model):
+            raise KeyError("inside")
+        assert not model.training
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted)  # the adapter is back on
+
+
 def test_reference_is_the_adapter_disabled_model(tmp_path):
     cfg = make_config(data=["x"], out=str(tmp_path), lora_r=4, lora_dropout=0.0)
     base = tiny_llama()
