@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from train.losses import full_reference_kl  # noqa: E402
-from train.packing import ancestor_block_mask, ancestor_mask, plan_packing, token_logprobs  # noqa: E402
+from train.logprobs import ancestor_block_mask, ancestor_mask, token_logprobs  # noqa: E402
+from train.packing import plan_packing  # noqa: E402
 
 
 def build_model(vocab: int, hidden: int, layers: int, heads: int, device, dtype, attn: str = "sdpa"):

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from train.losses import full_reference_kl  # noqa: E402
 from train.memory import SavedBytes  # noqa: E402
-from train.packing import token_logprobs  # noqa: E402
+from train.logprobs import token_logprobs  # noqa: E402
 
 
 def tiny_model(vocab: int, hidden: int, device: str):
@@ -66,7 +66,7 @@ def loss_bytes(model, seq: list[int], fused: bool) -> tuple[int, int]:
 
 def trunk_bytes(model, seq: list[int]) -> int:
     """Saved bytes of the decoder alone (same packed row: one sequence, causal = ancestor mask)."""
-    from train.packing import ancestor_mask
+    from train.logprobs import ancestor_mask
 
     dev = next(model.parameters()).device
     n = len(seq)

@@ -46,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from train.losses import dpo_loss, span_logps  # noqa: E402
-from train.packing import pack_stats, plan_packing, token_logprobs  # noqa: E402
+from train.logprobs import token_logprobs  # noqa: E402
+from train.packing import pack_stats, plan_packing  # noqa: E402
 
 
 @dataclass

@@ -64,7 +64,8 @@ def worker(args) -> dict:
     from train.config import make_config
     from train.modeling import load_model, resolve_model
     from steer_tui.core.models import default_model_path
-    from train.trainer import SteerTrainer, TaskDataset, build_peft_model, training_arguments
+    from train.model_setup import build_peft_model
+    from train.trainer import SteerTrainer, TaskDataset, training_arguments
 
     torch.manual_seed(0)
     dev = torch.device(args.device)

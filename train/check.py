@@ -287,19 +287,18 @@ def hf_logprobs(model, tokens: Sequence[int], *, weight_types: dict[str, str] | 
     ``weight_types``, llama.cpp's activation rounding is injected (noise estimate)."""
     import torch
 
+    from train.reference import eval_mode
+
     dev = next(model.parameters()).device
     handles = emulate_llama_rounding(model, weight_types) if weight_types else []
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             ids = torch.tensor([list(tokens)], dtype=torch.long, device=dev)
             logits = model(input_ids=ids).logits[0].double()
             return torch.log_softmax(logits, dim=-1).cpu().numpy()
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
 
 
 def next_token_diff(a: np.ndarray, b: np.ndarray, tokens: Sequence[int]) -> np.ndarray:

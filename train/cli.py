@@ -16,10 +16,18 @@ import os
 import sys
 from pathlib import Path
 
-from train.config import ConfigError, TrainConfig, load_toml, make_config
+from train.config import (ATTN_IMPLS, KL_MODES, LOSS_TYPES, OBJECTIVES, PACKINGS, ConfigError, TrainConfig, load_toml,
+                          make_config)
 
 log = logging.getLogger("steer-train")
 _D = TrainConfig()
+
+
+def _values(p: argparse.ArgumentParser, *flags: tuple[str, type]) -> None:
+    """Options that take one value of a type and need no help text beyond their name (each
+    a `TrainConfig` field; left unset, None, so the TOML or the default applies)."""
+    for flag, typ in flags:
+        p.add_argument(flag, type=typ)
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -33,39 +41,27 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory")
     p.add_argument("--model", metavar="HF_ID|DIR|FILE.gguf", help="default: the local GGUF recorded in the trees")
     p.add_argument("--config", metavar="FILE.toml", help="TOML with any of the options below (flags win)")
-    p.add_argument("--objective", choices=["sft", "dpo", "sft+dpo"])
-    p.add_argument("--packing", choices=["tree", "none"])
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--beta", type=float)
-    p.add_argument("--loss-type", choices=["sigmoid", "ipo"])
+    p.add_argument("--objective", choices=OBJECTIVES)
+    p.add_argument("--packing", choices=PACKINGS)
+    _values(p, ("--max-steps", int), ("--epochs", float), ("--lr", float), ("--beta", float))
+    p.add_argument("--loss-type", choices=LOSS_TYPES)
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--length-normalize", action="store_true", default=None)
-    p.add_argument("--sft-weight", type=float)
-    p.add_argument("--dpo-weight", type=float)
+    _values(p, ("--sft-weight", float), ("--dpo-weight", float))
     p.add_argument("--rpo-alpha", type=float, help="SFT term on the chosen span (RPO-style)")
-    p.add_argument("--kl-weight", type=float, help="reference KL on model-written tokens")
-    p.add_argument("--kl-mode", choices=["full", "token"],
-                   help="full: exact KL over the vocabulary (one extra no-grad forward); token: k3 estimate")
-    p.add_argument("--lora-r", type=int)
-    p.add_argument("--lora-alpha", type=float)
-    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--kl-weight", type=float, help="weight of the reference-KL term (--kl-mode) on model-written tokens")
+    p.add_argument("--kl-mode", choices=KL_MODES,
+                   help="full: exact KL(policy || base) over the vocabulary (one extra no-grad forward); token: k3 "
+                   "estimate of the reverse direction, KL(base || policy), from the sampled tokens only")
+    _values(p, ("--lora-r", int), ("--lora-alpha", float), ("--lora-dropout", float))
     p.add_argument("--no-lora-mlp", dest="lora_mlp", action="store_false", default=None, help="LoRA on attention only")
     p.add_argument("--lora-layers", help="blocks that get LoRA: all (default), last:N, or 0-based 'A-B,C'")
-    p.add_argument("--eval-fraction", type=float)
-    p.add_argument("--model-token-weight", type=float)
-    p.add_argument("--accepted-weight", type=float)
-    p.add_argument("--chosen-continuation", type=int)
-    p.add_argument("--rejected-tokens", type=int)
-    p.add_argument("--max-length", type=int)
+    _values(p, ("--eval-fraction", float), ("--model-token-weight", float), ("--accepted-weight", float),
+            ("--chosen-continuation", int), ("--rejected-tokens", int), ("--max-length", int))
     p.add_argument("--batch-size", type=int, help="tasks per device per step")
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--token-budget", type=int)
-    p.add_argument("--save-steps", type=int)
-    p.add_argument("--seed", type=int)
+    _values(p, ("--grad-accum", int), ("--token-budget", int), ("--save-steps", int), ("--seed", int))
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    p.add_argument("--attn-impl", choices=["auto", "sdpa", "flex", "eager"],
+    p.add_argument("--attn-impl", choices=ATTN_IMPLS,
                    help="attention kernel (default auto: sdpa; eager for models with attention softcapping, "
                    "flex for those on CUDA)")
     p.add_argument("--ignore-memory-check", dest="memory_check", action="store_false", default=None,
@@ -107,7 +103,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="HF_ID|DIR|FILE.gguf")
     p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory (a steer-train --out)")
     p.add_argument("--beta", type=float, default=_D.beta)
-    p.add_argument("--packing", choices=["tree", "none"], default="tree")
+    p.add_argument("--packing", choices=PACKINGS, default=_D.packing)
     p.add_argument("--eval-fraction", type=float, default=0.0,
                    help="score only the held-out split a training run with this fraction/seed used (default: all)")
     p.add_argument("--seed", type=int, default=_D.seed)
@@ -157,7 +153,8 @@ def _run(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> int:
     try:
         from train.check import ModelMismatch
         from train.memory import MemoryRefused
-        from train.trainer import NonFiniteLoss, run_training
+        from train.run import is_main_process, run_training
+        from train.trainer import NonFiniteLoss
     except ImportError as exc:
         return _fail(f"the training extra is not installed ({exc}); run `pip install 'steer[train]'`")
     try:
@@ -176,7 +173,7 @@ def _run(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> int:
                 f"out of memory ({type(exc).__name__}). Try --batch-size 1, --token-budget 1024, "
                 "--gradient-checkpointing, --max-length, a smaller --lora-r, or --packing tree", 3)
         raise
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         _print_summary(cfg, metrics)
     return 0
 
@@ -210,6 +207,7 @@ def eval_main(argv: list[str]) -> int:
     from train.data import DataError
     from train.evaluate import evaluate_tasks
     from train.modeling import ModelError, load_model, resolve_model, token_pieces, vocab_sha256_from_pieces
+    from train.retokenize import VocabCheck
 
     try:
         rep = D.load_trees(args.data)
@@ -222,8 +220,8 @@ def eval_main(argv: list[str]) -> int:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(ad))
-        vocab = D.VocabCheck(tokenizer=tok, model_sha256=source.sha256,
-                             vocab_sha256=vocab_sha256_from_pieces(token_pieces(tok)) if tok else None)
+        vocab = VocabCheck(tokenizer=tok, model_sha256=source.sha256,
+                           vocab_sha256=vocab_sha256_from_pieces(token_pieces(tok)) if tok else None)
         ds = D.build_dataset(trees=rep.trees, vocab=vocab, eval_fraction=args.eval_fraction, seed=args.seed,
                              objective="dpo")
     except (DataError, ModelError) as exc:

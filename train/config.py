@@ -7,9 +7,13 @@ with every fluency guard within 3% of the base model. They are
 * ``objective = "dpo"``: localized DPO only. An SFT term on the one-word corrections made
   the replacement a favourite word and raised repetition (x1.4-1.9 repeated 4-grams); use
   ``sft+dpo`` (or ``sft``) to also learn from appends and accepted text;
-* a strong, exact reference KL: ``kl_weight = 5`` with ``kl_mode = "full"`` (KL over the
-  whole vocabulary at every model-written token of the corrected paths). The one-token k3
-  estimate, even at weight 4, let answers get shorter (share ending early 0.15 -> 0.33-0.57);
+* a strong reference KL: ``kl_weight = 5`` with ``kl_mode = "full"``, the exact
+  KL(policy ‖ reference) over the whole vocabulary at every model-written token of the
+  corrected paths (`train.losses.full_reference_kl`). ``kl_mode = "token"`` is another
+  divergence, not a cheaper form of the same one: the one-token k3 estimate of the reverse
+  direction, KL(reference ‖ policy), from the sampled tokens only
+  (`train.losses.reference_kl`); even at weight 4 it let answers get shorter (share ending
+  early 0.15 -> 0.33-0.57);
 * ``lr = 2e-4`` for 1 epoch, beta 0.1 (sigmoid), LoRA r=16 / alpha=16 / dropout 0.05 on
   every attention and MLP projection, cosine schedule with 10% warm-up, 2 tasks per step.
 
@@ -25,11 +29,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+# The one list of each choice: the dataclass validation, the CLI's ``choices`` and the
+# modules that act on a value all read these.
 OBJECTIVES = ("sft", "dpo", "sft+dpo")
+#: DPO loss forms (`train.losses.dpo_loss`)
 LOSS_TYPES = ("sigmoid", "ipo")
+#: sequence layouts (`train.packing.plan_packing`)
 PACKINGS = ("tree", "none")
+#: reference-KL terms: "full" = exact KL(policy ‖ reference) over the vocabulary;
+#: "token" = k3 estimate of KL(reference ‖ policy) on the sampled tokens
 KL_MODES = ("full", "token")
-ATTN_IMPLS = ("auto", "sdpa", "flex", "eager")
+#: ``--attn-impl`` name -> transformers ``attn_implementation`` ("auto" resolves to one of them,
+#: `train.model_setup.resolve_attn_impl`)
+ATTN_BACKENDS = {"sdpa": "sdpa", "flex": "flex_attention", "eager": "eager"}
+ATTN_IMPLS = ("auto", *ATTN_BACKENDS)
 
 
 class ConfigError(ValueError):
@@ -58,7 +71,7 @@ class TrainConfig:
     dpo_weight: float = 1.0
     rpo_alpha: float = 0.0
     kl_weight: float = 5.0
-    kl_mode: str = "full"
+    kl_mode: str = "full"  # see KL_MODES: the two modes compute KLs of opposite directions
     # optimisation
     lr: float = 2e-4
     epochs: float = 1.0
@@ -80,7 +93,7 @@ class TrainConfig:
     packing: str = "tree"
     token_budget: int = 4096
     gradient_checkpointing: bool = False
-    attn_impl: str = "auto"  # "auto", "sdpa", "flex" or "eager" (see train.trainer.resolve_attn_impl)
+    attn_impl: str = "auto"  # one of ATTN_IMPLS (see train.model_setup.resolve_attn_impl)
     memory_check: bool = True  # estimate the peak memory before training and refuse when it cannot fit
     bf16: bool | None = None  # None: bf16 on a CUDA GPU that supports it, fp32 otherwise
     save_steps: int = 50
@@ -96,16 +109,10 @@ class TrainConfig:
         def bad(key: str, msg: str) -> ConfigError:
             return ConfigError(f"--{key.replace('_', '-')}: {msg}")
 
-        if self.objective not in OBJECTIVES:
-            raise bad("objective", f"must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
-        if self.loss_type not in LOSS_TYPES:
-            raise bad("loss_type", f"must be one of {', '.join(LOSS_TYPES)}, not {self.loss_type!r}")
-        if self.kl_mode not in KL_MODES:
-            raise bad("kl_mode", f"must be one of {', '.join(KL_MODES)}, not {self.kl_mode!r}")
-        if self.attn_impl not in ATTN_IMPLS:
-            raise bad("attn_impl", f"must be one of {', '.join(ATTN_IMPLS)}, not {self.attn_impl!r}")
-        if self.packing not in PACKINGS:
-            raise bad("packing", f"must be one of {', '.join(PACKINGS)}, not {self.packing!r}")
+        for k, allowed in (("objective", OBJECTIVES), ("loss_type", LOSS_TYPES), ("kl_mode", KL_MODES),
+                           ("attn_impl", ATTN_IMPLS), ("packing", PACKINGS)):
+            if getattr(self, k) not in allowed:
+                raise bad(k, f"must be one of {', '.join(allowed)}, not {getattr(self, k)!r}")
         for k in ("lr", "beta", "epochs"):
             if not getattr(self, k) > 0:
                 raise bad(k, f"must be > 0, got {getattr(self, k)}")
@@ -127,6 +134,16 @@ class TrainConfig:
         if self.rejected_tokens is not None and self.rejected_tokens < 1:
             raise bad("rejected_tokens", f"must be >= 1, got {self.rejected_tokens}")
         return self
+
+    @property
+    def full_kl(self) -> bool:
+        """Whether the loss has the exact KL(policy ‖ reference) term (``kl_mode = "full"``)."""
+        return self.kl_weight > 0 and self.kl_mode == "full"
+
+    @property
+    def token_kl(self) -> bool:
+        """Whether the loss has the one-token KL(reference ‖ policy) estimate (``kl_mode = "token"``)."""
+        return self.kl_weight > 0 and self.kl_mode == "token"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,24 +23,24 @@ Everything the trainer needs is built here before any model exists:
 * ``split_by_task`` splits tasks (never steers) into train / eval, seeded.
 
 Tokenizer mismatch: when the training tokenizer's vocabulary is not the one the tree was
-captured with, each segment's text is re-tokenized with character offsets so every span
-(prompt / model / human) maps to an exact token range (:func:`retokenize_segments`), and a
-warning is logged once.
+captured with (`train.retokenize.VocabCheck`), each segment's text is re-tokenized with
+character offsets so every span (prompt / model / human) maps to an exact token range
+(`train.retokenize.retokenize_segments`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from steer_tui.core.store import StoreError, load_tree
 from steer_tui.core.tree import Node, SteerTree, TreeError
+from train.config import OBJECTIVES
+from train.retokenize import VocabCheck, retokenize_segments
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ class DataOptions:
     chosen_continuation: int = 0
     rejected_tokens: int | None = None  # None -> len(chosen)
     max_length: int | None = None  # drop sequences longer than this (tokens)
+
+    def too_long(self, n_tokens: int) -> bool:
+        """Whether a sequence of ``n_tokens`` exceeds ``max_length`` (and is dropped)."""
+        return bool(self.max_length) and n_tokens > self.max_length
 
 
 # ----------------------------------------------------------------------------- examples
@@ -121,19 +125,6 @@ class TaskExample:
 
     def __post_init__(self) -> None:
         self.group = self.group or self.task
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "group": self.group,
-            "sft": [s.__dict__ for s in self.sft],
-            "pairs": [p.__dict__ for p in self.pairs],
-            "retokenized": self.retokenized,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TaskExample:
-        return cls(d["task"], [SFTSeq(**s) for s in d["sft"]], [Pair(**p) for p in d["pairs"]], d["retokenized"], d.get("group", ""))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -289,8 +280,13 @@ def _original_nodes(tree: SteerTree, node_id: str) -> list[Node]:
         nodes.append(nxt)
 
 
+def _n_tokens(nodes: Sequence[Node]) -> int:
+    return sum(len(n.tokens) for n in nodes)
+
+
 def _extend_model(tree: SteerTree, start: Node, have: list[Node], n_tokens: int, count) -> list[Node]:
-    """Follow the first live model child from ``start`` while fewer than ``n_tokens``."""
+    """``have`` followed by the first live model child of ``start``, its first live model child
+    and so on, while ``count(nodes)`` is below ``n_tokens``."""
     out = list(have)
     cur = start
     while count(out) < n_tokens:
@@ -300,77 +296,6 @@ def _extend_model(tree: SteerTree, start: Node, have: list[Node], n_tokens: int,
         cur = kids[0]
         out.append(cur)
     return out
-
-
-# ----------------------------------------------------------------------------- retokenizing
-
-
-def retokenize_segments(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Tokenize the concatenation of ``texts`` so that every text maps to an exact token range.
-
-    The whole string is tokenized once with an offset mapping (canonical tokens); where a
-    segment boundary falls inside a token, the string is also cut at that boundary and the
-    pieces are tokenized separately, until every boundary is a token boundary. Returns one
-    id list per text (``decode(ids_i) == texts[i]`` for byte-level/sentencepiece
-    tokenizers). Special-token text (e.g. ``<|im_start|>``) is recognized as in the model's
-    chat template."""
-    full = "".join(texts)
-    bounds = []
-    pos = 0
-    for t in texts:
-        pos += len(t)
-        bounds.append(pos)
-    cuts = {0, len(full)}
-    while True:
-        points = sorted(cuts)
-        toks: list[tuple[int, int, int]] = []  # (id, start, end)
-        for a, b in zip(points, points[1:]):
-            if a == b:
-                continue
-            enc = tokenizer(full[a:b], add_special_tokens=False, return_offsets_mapping=True)
-            for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]):
-                toks.append((tid, a + s, a + e))
-        bad = {b for b in bounds[:-1] if any(s < b < e for _, s, e in toks)}
-        if not bad - cuts:
-            break
-        cuts |= bad
-    out: list[list[int]] = [[] for _ in texts]
-    for tid, s, e in toks:
-        # a token belongs to the segment its first character is in
-        seg = next(i for i, b in enumerate(bounds) if s < b or (s == b == len(full)))
-        out[seg].append(tid)
-    return out
-
-
-@dataclass
-class VocabCheck:
-    """How to decide whether a tree's ids can be used as they are."""
-
-    tokenizer: Any = None
-    model_sha256: str | None = None  # the GGUF the training model was converted from
-    vocab_sha256: str | None = None  # same hash as the engine's (see train.modeling)
-    vocab_size: int | None = None
-    _warned: bool = False
-
-    def same(self, tree: SteerTree) -> bool:
-        m = tree.model or {}
-        if self.tokenizer is None:
-            return True
-        if self.model_sha256 and m.get("sha256") == self.model_sha256:
-            return True
-        if self.vocab_sha256 and m.get("vocab_sha256") == self.vocab_sha256:
-            return True
-        return False
-
-    def warn_once(self, tree: SteerTree) -> None:
-        if not self._warned:
-            self._warned = True
-            log.warning(
-                "the training tokenizer's vocabulary differs from the one the trees were captured with "
-                "(first: %s, model %s); re-tokenizing node texts with character offsets",
-                tree.id,
-                (tree.model or {}).get("name"),
-            )
 
 
 # ----------------------------------------------------------------------------- building
@@ -424,7 +349,7 @@ def build_task(tree: SteerTree, opts: DataOptions, vocab: VocabCheck | None = No
             continue
         w[0] = 0.0  # the first token is never predicted
         mm[0] = 0
-        if opts.max_length and len(ids) > opts.max_length:
+        if opts.too_long(len(ids)):
             log.warning("%s: path to %s has %d tokens > max_length %d; skipped", tree.id, leaf.id, len(ids), opts.max_length)
             continue
         if any(x > 0 for x in w) or any(mm):
@@ -435,7 +360,7 @@ def build_task(tree: SteerTree, opts: DataOptions, vocab: VocabCheck | None = No
         h = st.node
         parent_path = tree.path(h.parent)
         n_cont = opts.chosen_continuation
-        chosen_nodes = [h] + (_take_model_chain(tree, h, n_cont) if n_cont > 0 else [])
+        chosen_nodes = [h] + (_extend_model(tree, h, [], n_cont, _n_tokens) if n_cont > 0 else [])
         rej_nodes = _original_nodes(tree, st.replaced.id)
         if retok:
             prompt_ids, parts = seg_ids(True, parent_path)
@@ -451,7 +376,7 @@ def build_task(tree: SteerTree, opts: DataOptions, vocab: VocabCheck | None = No
             rej_nodes = _extend_model(tree, rej_nodes[-1], rej_nodes, k, count)
             r_parts = retokenize_segments(vocab.tokenizer, [n.text for n in rej_nodes])
         else:
-            rej_nodes = _extend_model(tree, rej_nodes[-1], rej_nodes, k, lambda ns: sum(len(n.tokens) for n in ns))
+            rej_nodes = _extend_model(tree, rej_nodes[-1], rej_nodes, k, _n_tokens)
             r_parts = [list(n.tokens) for n in rej_nodes]
         rejected = [t for p in r_parts for t in p][:k]
         if not chosen or not rejected or not prefix:
@@ -460,25 +385,11 @@ def build_task(tree: SteerTree, opts: DataOptions, vocab: VocabCheck | None = No
         if chosen[:m] == rejected[:m]:
             log.info("%s: steer %s: chosen equals the start of the rejected text; no DPO signal, skipped", tree.id, h.id)
             continue
-        if opts.max_length and len(prefix) + max(len(chosen), len(rejected)) > opts.max_length:
+        if opts.too_long(len(prefix) + max(len(chosen), len(rejected))):
             log.warning("%s: steer %s longer than max_length %d; skipped", tree.id, h.id, opts.max_length)
             continue
         ex.pairs.append(Pair(h.id, h.kind, prefix, chosen, rejected))
     return ex
-
-
-def _take_model_chain(tree: SteerTree, start: Node, n_tokens: int) -> list[Node]:
-    """Model nodes following ``start`` on its first live model child chain, up to n_tokens."""
-    out: list[Node] = []
-    cur, have = start, 0
-    while have < n_tokens:
-        kids = [c for c in live_children(tree, cur.id) if c.is_model]
-        if not kids:
-            break
-        cur = kids[0]
-        out.append(cur)
-        have += len(cur.tokens)
-    return out
 
 
 @dataclass
@@ -524,8 +435,8 @@ def build_dataset(
         rep = load_trees(sources)
         trees, errors, files = rep.trees, rep.errors, rep.files
     tasks = [build_task(t, opts, vocab) for t in trees]
-    if objective not in ("sft", "dpo", "sft+dpo"):
-        raise DataError(f"--objective must be sft, dpo or sft+dpo, not {objective!r}")
+    if objective not in OBJECTIVES:
+        raise DataError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
 
     def has_sft(t: TaskExample) -> bool:
         return any(any(w > 0 for w in s.weights) for s in t.sft)
@@ -549,14 +460,3 @@ def build_dataset(
 def tree_models(trees: Iterable[SteerTree]) -> list[dict]:
     return [dict(t.model or {}) for t in trees]
 
-
-def dump_jsonl(examples: Iterable[TaskExample], path: str | os.PathLike[str]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for e in examples:
-            fh.write(json.dumps(e.to_dict()) + "\n")
-
-
-def shuffled(items: Sequence[Any], seed: int) -> list[Any]:
-    out = list(items)
-    random.Random(seed).shuffle(out)
-    return out

@@ -20,18 +20,18 @@ from typing import Sequence
 import torch
 
 from train.data import Pair, TaskExample
-from train.packing import token_logprobs
+from train.logprobs import token_logprobs
+from train.reference import eval_mode
 
 
 @torch.no_grad()
 def pair_scores(model, pairs: Sequence[Pair], *, packing: str = "tree", token_budget: int = 4096,
-                chunk: int = 16) -> dict[str, torch.Tensor]:
+                chunk: int = 16, adapter: bool = True) -> dict[str, torch.Tensor]:
     """Per-steer tensors: ``chosen``/``rejected`` (full-span sums), ``chosen_m``/``rejected_m``
-    (length-matched sums) and ``first_ok`` (top-1 at the branch point == chosen[0])."""
-    was = model.training
-    model.eval()
+    (length-matched sums) and ``first_ok`` (top-1 at the branch point == chosen[0]), in eval
+    mode; ``adapter=False`` scores the reference (the adapter disabled, `train.reference.eval_mode`)."""
     res: dict[str, list] = {k: [] for k in ("chosen", "rejected", "chosen_m", "rejected_m", "first_ok")}
-    try:
+    with eval_mode(model, adapter=adapter):
         for i in range(0, len(pairs), chunk):
             part = pairs[i : i + chunk]
             seqs = []
@@ -47,8 +47,6 @@ def pair_scores(model, pairs: Sequence[Pair], *, packing: str = "tree", token_bu
                 res["chosen_m"].append(c[a : a + m].sum())
                 res["rejected_m"].append(r[a : a + m].sum())
             res["first_ok"] += _first_token_hits(model, part)
-    finally:
-        model.train(was)
     return {k: torch.stack(v) if k != "first_ok" else torch.tensor(v, dtype=torch.bool) for k, v in res.items()}
 
 
@@ -78,19 +76,14 @@ def summarize(policy: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
 
 
 def evaluate_tasks(model, tasks: Sequence[TaskExample], *, beta: float = 0.1, packing: str = "tree",
-                   token_budget: int = 4096, reference_scores: dict | None = None) -> dict[str, dict]:
-    """``{"before": ..., "after": ...}`` on all steers of ``tasks``. ``before`` = adapter
-    disabled (pass ``reference_scores`` to reuse them); a model without an adapter gives
-    ``after == before``."""
+                   token_budget: int = 4096) -> dict[str, dict]:
+    """``{"before": ..., "after": ...}`` on all steers of ``tasks``: both are scored here, each
+    call, ``before`` with the adapter disabled, ``after`` with it; a model without an adapter
+    gives ``after == before``."""
     pairs = [p for t in tasks for p in t.pairs]
     if not pairs:
         return {"before": {"steers": 0}, "after": {"steers": 0}}
-    if reference_scores is None:
-        if hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                reference_scores = pair_scores(model, pairs, packing=packing, token_budget=token_budget)
-        else:
-            reference_scores = pair_scores(model, pairs, packing=packing, token_budget=token_budget)
+    reference_scores = pair_scores(model, pairs, packing=packing, token_budget=token_budget, adapter=False)
     after = pair_scores(model, pairs, packing=packing, token_budget=token_budget)
     return {
         "before": summarize(reference_scores, reference_scores, beta),

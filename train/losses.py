@@ -1,7 +1,7 @@
 """Loss functions: tensors in, tensors out.
 
 Nothing here runs a model. Every function takes per-token log-probabilities that
-``train.packing.token_logprobs`` produced (``out[i][j] = log p(seq[i][j+1] | seq[i][:j+1])``)
+``train.logprobs.token_logprobs`` produced (``out[i][j] = log p(seq[i][j+1] | seq[i][:j+1])``)
 plus weights or spans that ``train.data`` built before any model existed, and returns
 tensors. Shapes are documented per function; ``B`` = number of sequences, ``T`` = padded
 length of the *prediction* axis (sequence length - 1), ``N`` = number of steers.
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from train.chunked import HeadStates, head_full_kl
+from train.config import LOSS_TYPES
 
 __all__ = [
     "pad_logps",
@@ -148,7 +149,7 @@ def dpo_loss(
     elif loss_type == "ipo":
         losses = (h - 1.0 / (2.0 * beta)) ** 2
     else:
-        raise ValueError(f"dpo_loss: loss_type must be 'sigmoid' or 'ipo', not {loss_type!r}")
+        raise ValueError(f"dpo_loss: loss_type must be one of {', '.join(LOSS_TYPES)}, not {loss_type!r}")
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
     return DPOOutput(losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
@@ -169,7 +170,8 @@ def chosen_nll(policy_chosen: Tensor, chosen_lengths: Tensor) -> Tensor:
 
 
 def reference_kl(policy: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
-    """Estimate of KL(reference ‖ policy) from tokens the reference model sampled.
+    """Estimate of KL(reference ‖ policy) from tokens the reference model sampled (the
+    reverse direction of :func:`full_reference_kl`'s exact KL(policy ‖ reference)).
 
     The model-written tokens in a steer tree were sampled from the base model (the
     reference), so ``k3 = exp(lp - lr) - 1 - (lp - lr)`` (``lp``/``lr`` = policy/reference
@@ -202,8 +204,9 @@ def full_reference_kl(policy_rows: Sequence[Tensor | HeadStates],
                       reference_rows: Sequence[Tensor | HeadStates]) -> Tensor:
     """Exact KL(policy ‖ reference) over the whole vocabulary, averaged over positions.
 
-    Unlike the one-token k3 estimate (:func:`reference_kl`), this sees every token's
-    probability at every position, so the adapter cannot quietly move mass to a token the
+    The direction is the opposite of :func:`reference_kl`'s (a one-token estimate of
+    KL(reference ‖ policy)): this is not an exact form of that KL but another divergence.
+    It sees every token's probability at every position, so the adapter cannot quietly move mass to a token the
     model did not happen to sample there: end-of-sequence above all (the shortening that
     localized DPO causes on a small model, see docs/loop.md), or a favourite word.
 

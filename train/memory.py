@@ -26,6 +26,7 @@ forwards (no backward) and restores the RNG state, so it does not change the run
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ import numpy as np
 import torch
 
 from train.chunked import chunk_rows
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MemoryEstimate", "MemoryRefused", "estimate_memory", "available_bytes", "check_memory", "SavedBytes"]
 
@@ -93,6 +96,12 @@ class MemoryEstimate:
     @property
     def fits(self) -> bool:
         return self.available is None or self.to_allocate <= HEADROOM * self.available
+
+    def metrics(self) -> dict:
+        """The estimate as ``metrics.json`` records it."""
+        return {"peak_bytes": self.peak, "tokens": self.tokens, "weights": self.weights,
+                "trainable_state": self.trainable_state, "activations": self.activations,
+                "transient": self.transient, "available": self.available, "device": self.device}
 
     def summary(self) -> str:
         def g(n):
@@ -157,7 +166,7 @@ def probe_saved_bytes(model, tokens: int, *, kl: bool = True, packing: str = "tr
     """Bytes saved for backward by one row of ``tokens`` tokens: log-probs of every
     prediction plus (``kl``) the full KL at every position against a no-grad reference pass."""
     from train.losses import full_reference_kl
-    from train.packing import token_logprobs
+    from train.logprobs import token_logprobs
 
     vocab = int(getattr(model.config, "vocab_size", 0) or 0) or 2
     seq = [int(x) for x in (np.arange(tokens) * 7 + 3) % vocab]
@@ -248,17 +257,25 @@ def suggest(model, est: MemoryEstimate, *, kl: bool, packing: str, gradient_chec
     return out
 
 
-def check_memory(model, *, tokens: int, kl: bool, packing: str, gradient_checkpointing: bool,
-                 force: bool = False, device=None, log=None) -> MemoryEstimate:
-    """Estimate, report (``log.info``), and raise `MemoryRefused` with suggestions when the
-    step cannot fit (unless ``force``)."""
-    est = estimate_memory(model, tokens=tokens, kl=kl, packing=packing, gradient_checkpointing=gradient_checkpointing,
-                          device=device)
-    if log is not None:
-        log.info("%s", est.summary())
-    if not est.fits and not force:
-        tips = suggest(model, est, kl=kl, packing=packing, gradient_checkpointing=gradient_checkpointing)
-        raise MemoryRefused(
-            f"this run will not fit: {est.summary()}. Try " + "; or ".join(tips)
-            + ". --ignore-memory-check runs anyway.")
+def check_memory(model, *, tokens: int, kl: bool, packing: str, gradient_checkpointing: bool, device=None,
+                 force: bool = False, report: bool = True) -> MemoryEstimate:
+    """Estimate the peak memory of a step, print the estimate (``report``: on the main rank),
+    and raise `MemoryRefused` naming what to change when it cannot fit, unless ``force``
+    (``--ignore-memory-check``: a warning instead). Under torch.distributed every rank
+    refuses when any rank's estimate does not fit, or none does."""
+    est = estimate_memory(model, tokens=tokens, device=device, kl=kl, packing=packing,
+                          gradient_checkpointing=gradient_checkpointing)
+    bad = torch.tensor([0.0 if est.fits else 1.0], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # all ranks refuse, or none
+    if report:
+        print(est.summary(), flush=True)
+    if bad.item() > 0:
+        if not force:
+            tips = suggest(model, est, kl=kl, packing=packing,
+                           gradient_checkpointing=gradient_checkpointing) if not est.fits else []
+            raise MemoryRefused(f"this run will not fit: {est.summary()}"
+                                + (". Try " + "; or ".join(tips) if tips else " (on another rank)")
+                                + ". --ignore-memory-check runs anyway.")
+        log.warning("the estimate exceeds the free memory; running anyway (--ignore-memory-check)")
     return est

@@ -6,9 +6,10 @@
   GGUF). It is dequantized and converted **once** into a plain safetensors directory cached
   under ``$STEER_CACHE`` (default ``platformdirs.user_cache_dir("steer-tui")``)
   ``/models/<sha256 of the GGUF>`` and every run loads from there. The conversion
-  (``train.gguf_model``) rebuilds the config from what llama.cpp reads for the architecture
-  (rope scaling, attention scale, sliding windows, soft-capping, norm offsets...) so the
-  training model computes what llama.cpp computes, or refuses the GGUF by name;
+  (``train.gguf_config``, ``train.gguf_weights``) rebuilds the config from what llama.cpp
+  reads for the architecture (rope scaling, attention scale, sliding windows, soft-capping,
+  norm offsets...) so the training model computes what llama.cpp computes, or refuses the
+  GGUF by name;
 * a local Hugging Face model directory;
 * a Hugging Face id, only if it is already in the local HF cache: nothing is ever downloaded
   (``local_files_only=True``).
@@ -139,13 +140,6 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("steer-tui"))
 
 
-def gguf_architecture(path: str | os.PathLike[str]) -> str:
-    """``general.architecture`` of a GGUF file (e.g. ``"llama"``)."""
-    from train.gguf_model import read_meta
-
-    return read_meta(path).arch
-
-
 @contextlib.contextmanager
 def _file_lock(path: Path):
     """Exclusive inter-process lock (several DDP ranks may convert the same GGUF)."""
@@ -168,12 +162,14 @@ def converted_dir(source: ModelSource) -> Path:
 def convert_gguf(source: ModelSource) -> Path:
     """Convert ``source`` once into a cached safetensors model+tokenizer directory; return it.
 
-    The config is rebuilt from what llama.cpp reads for the architecture (``train.gguf_model``):
+    The config is rebuilt from what llama.cpp reads for the architecture (``train.gguf_config``):
     every feature that changes the computation is restored or the GGUF is refused with a
     ModelError naming the architecture and the feature. Concurrent callers (DDP ranks)
     serialize on a lock; the directory appears atomically (written under a temp name, then
     renamed). A conversion made by an older loader version is redone."""
     from train import gguf_model as G
+    from train.gguf_config import build_config
+    from train.gguf_weights import write_hf_model
 
     target = converted_dir(source)
     if _fresh(target):
@@ -185,7 +181,7 @@ def convert_gguf(source: ModelSource) -> Path:
         log.info("converting %s to a cached safetensors model in %s (once)", gguf, target)
         try:
             meta = G.read_meta(gguf)
-            plan = G.build_config(meta)
+            plan = build_config(meta)
         except G.Unsupported as exc:
             raise ModelError(f"cannot train {gguf.name}: {exc}") from None
         except Exception as exc:
@@ -193,7 +189,7 @@ def convert_gguf(source: ModelSource) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{source.sha256}.", dir=target.parent))
         try:
             try:
-                G.write_hf_model(meta, plan, tmp)
+                write_hf_model(meta, plan, tmp)
             except G.Unsupported as exc:
                 raise ModelError(f"cannot train {gguf.name}: {exc}") from None
             _save_gguf_tokenizer(gguf, tmp)
@@ -332,7 +328,6 @@ def check_loading_info(info: dict, what: str) -> None:
 # ---------------------------------------------------------------------------- LoRA targets
 
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value", "c_attn", "out_proj", "dense")
-MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "c_proj", "w1", "w2", "w3")
 
 
 def lora_target_modules(model, *, mlp: bool = True) -> list[str]:

@@ -223,6 +223,7 @@ def test_tree_from_another_model_warns_or_refuses(tmp_path):
 def test_training_refuses_or_retokenizes_mismatched_vocab(tmp_path):
     """A tree made with another vocabulary must never reach training as raw ids."""
     data = pytest.importorskip("train.data")
+    from train.retokenize import VocabCheck
     with build_session(tmp_path) as s:
         tree = s.tree
 
@@ -236,7 +237,7 @@ def test_training_refuses_or_retokenizes_mismatched_vocab(tmp_path):
                 out["offset_mapping"] = [(i, i + 1) for i in range(len(text))]
             return out
 
-    vocab = data.VocabCheck(tokenizer=OtherTok(), vocab_sha256="f" * 64)
+    vocab = VocabCheck(tokenizer=OtherTok(), vocab_sha256="f" * 64)
     assert not vocab.same(tree)
     ex = data.build_task(tree, data.DataOptions(), vocab)  # text is re-tokenized, never refused
     assert ex.retokenized

@@ -302,7 +302,7 @@ def random_lora(model, out_dir: Path, *, seed: int = 0, std: float = 0.02, permu
 
     from train.config import make_config
     from train.export import export_lora_gguf
-    from train.trainer import build_peft_model
+    from train.model_setup import build_peft_model
 
     cfg = make_config(data=["x"], out="x", lora_r=4, lora_alpha=8, lora_dropout=0.0)
     pm = build_peft_model(model, cfg)

@@ -8,16 +8,8 @@ import pytest
 
 from steer_tui.core.store import save_tree
 from steer_tui.core.tree import Node, new_tree
-from train.data import (
-    IGNORE_INDEX,
-    DataError,
-    DataOptions,
-    VocabCheck,
-    build_dataset,
-    build_task,
-    retokenize_segments,
-    split_by_task,
-)
+from train.data import IGNORE_INDEX, DataError, DataOptions, build_dataset, build_task, split_by_task
+from train.retokenize import VocabCheck, retokenize_segments
 
 EOS = 0
 PROMPT = [1, 2, 3]
@@ -119,6 +111,19 @@ def test_dpo_rejected_k_extends_into_child_and_chosen_continuation():
     assert by[ids["n3"]].chosen == [20, 21, 30, 31]  # + 2 model tokens on the chosen branch
     assert by[ids["n6"]].chosen == [40, 50, 51]
     assert by[ids["n6"]].rejected == [32, 33]  # n5 split tail, nothing after it
+
+
+def test_max_length_drops_longer_sequences_sft_and_pairs_alike():
+    """One limit: an SFT path (15 tokens here) or a pair (prefix + its longer side: 9 and 12)
+    longer than ``max_length`` is dropped; one exactly as long is kept."""
+    t, ids = build_tree()
+    ex = build_task(t, DataOptions(max_length=15))
+    assert len(ex.sft) == 1 and {p.steer for p in ex.pairs} == {ids["n3"], ids["n6"]}
+    ex = build_task(t, DataOptions(max_length=14))
+    assert ex.sft == [] and {p.steer for p in ex.pairs} == {ids["n3"], ids["n6"]}
+    ex = build_task(t, DataOptions(max_length=11))
+    assert ex.sft == [] and {p.steer for p in ex.pairs} == {ids["n3"]}
+    assert len(build_task(t, DataOptions(max_length=None)).sft) == 1
 
 
 def test_pair_without_signal_is_dropped():

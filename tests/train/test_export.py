@@ -11,7 +11,7 @@ gguf = pytest.importorskip("gguf")
 from tests.train.tiny import tiny_llama  # noqa: E402
 from train.config import make_config  # noqa: E402
 from train.export import _permute_rows, export_lora_gguf  # noqa: E402
-from train.trainer import build_peft_model  # noqa: E402
+from train.model_setup import build_peft_model  # noqa: E402
 
 
 def rotary_pairs(w, n_head):

@@ -200,7 +200,7 @@ def test_export_architecture_names():
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_tree_packing_equals_linear(name, fams):
     from train.modeling import load_model, resolve_model
-    from train.packing import token_logprobs
+    from train.logprobs import token_logprobs
 
     model, _, _ = load_model(resolve_model(str(fams[name]["gguf"])))
     model.eval()
@@ -332,7 +332,7 @@ def test_llama3_parameters_recovered_from_rope_freqs():
 
     import numpy as np
 
-    from train.gguf_model import _llama3_or_longrope
+    from train.gguf_config import _llama3_or_longrope
 
     base, n_rot = 500000.0, 128
     inv = base ** (-np.arange(0, n_rot, 2) / n_rot)

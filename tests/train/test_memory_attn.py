@@ -15,8 +15,8 @@ pytest.importorskip("peft")
 
 from tests.train.test_packing import lora, steer_sequences, tiny_config, tiny_llama  # noqa: E402
 from train.config import ConfigError  # noqa: E402
-from train.packing import token_logprobs  # noqa: E402
-from train.trainer import resolve_attn_impl  # noqa: E402
+from train.logprobs import token_logprobs  # noqa: E402
+from train.model_setup import resolve_attn_impl  # noqa: E402
 
 TOL = 1e-5  # fp32 noise of the same computation run twice (see test_memory_logits)
 

@@ -11,8 +11,8 @@ pytest.importorskip("peft")
 
 from tests.train.tiny import tiny_llama  # noqa: E402
 from train.config import make_config  # noqa: E402
-from train.packing import token_logprobs  # noqa: E402
-from train.trainer import build_peft_model, weights_dtype  # noqa: E402
+from train.logprobs import token_logprobs  # noqa: E402
+from train.model_setup import build_peft_model, weights_dtype  # noqa: E402
 
 
 def weight_copies(model) -> int:

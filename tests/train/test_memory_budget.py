@@ -18,8 +18,9 @@ pytest.importorskip("peft")
 from tests.train.tiny import save_tiny_model, synthetic_tree, tiny_llama, write_trees  # noqa: E402
 from train.config import make_config  # noqa: E402
 from train.data import DataOptions, build_task  # noqa: E402
-from train.trainer import (Batch, SteerTrainer, TaskDataset, _forwarded, build_peft_model,  # noqa: E402
-                           training_arguments)
+from train.batching import Batch, forwarded_tokens  # noqa: E402
+from train.model_setup import build_peft_model  # noqa: E402
+from train.trainer import SteerTrainer, TaskDataset, training_arguments  # noqa: E402
 
 
 def tasks_of(n, steers):
@@ -34,7 +35,7 @@ def test_split_respects_the_budget_and_keeps_pairs_whole(packing, budget):
     assert len(micro) > 1
     seen = []
     for mb in micro:
-        n = _forwarded(mb.sequences, packing, budget)
+        n = forwarded_tokens(mb.sequences, packing, budget)
         units = len(mb.sft) + len(mb.pairs)
         assert n <= budget or units == 1, (n, units)  # only a single oversized unit may exceed
         for p, c, r in zip(mb.pairs, mb.chosen_idx, mb.rejected_idx):
@@ -152,7 +153,8 @@ from tests.train.tiny import synthetic_tree
 from train.config import make_config
 from train.data import DataOptions, build_task
 from train.memory import estimate_memory
-from train.trainer import SteerTrainer, TaskDataset, build_peft_model, training_arguments
+from train.model_setup import build_peft_model
+from train.trainer import SteerTrainer, TaskDataset, training_arguments
 
 def rss():
     with open("/proc/self/statm") as fh:

@@ -34,7 +34,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, what: str) -> None:
     from tests.train.tiny import synthetic_tree, tiny_llama
     from train.config import make_config
     from train.data import DataOptions, build_task
-    from train.trainer import ReferenceCache, SteerTrainer, TaskDataset, build_peft_model, training_arguments
+    from train.model_setup import build_peft_model
+    from train.reference import ReferenceCache
+    from train.trainer import SteerTrainer, TaskDataset, training_arguments
 
     cfg = make_config(data=["x"], out=out_dir, objective="sft+dpo", kl_mode="token", lora_r=4, lora_dropout=0.0,
                       progress=False)
@@ -95,7 +97,8 @@ def test_reference_logprobs_computed_once_split_across_ranks(tmp_path):
     from tests.train.tiny import synthetic_tree, tiny_llama
     from train.config import make_config
     from train.data import DataOptions, build_task
-    from train.trainer import ReferenceCache, build_peft_model
+    from train.model_setup import build_peft_model
+    from train.reference import ReferenceCache
 
     r0, r1 = _spawn(tmp_path, "reference")
     assert r0["computed"] == r1["computed"] == 3  # 6 tasks, half each

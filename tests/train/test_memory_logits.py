@@ -29,7 +29,7 @@ pytest.importorskip("peft")
 from tests.train.test_packing import lora, steer_sequences, tiny_config  # noqa: E402
 from train.chunked import LMHead, head_full_kl, head_token_logprobs  # noqa: E402
 from train.losses import full_reference_kl  # noqa: E402
-from train.packing import lm_head_of, token_logprobs  # noqa: E402
+from train.logprobs import lm_head_of, token_logprobs  # noqa: E402
 
 VAL_TOL = 1e-5
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,10 +166,11 @@ def test_trainer_loss_terms_equal_with_and_without_chunking(monkeypatch, tmp_pat
     """SFT + DPO + RPO + full KL through SteerTrainer.compute_loss: loss, metrics and LoRA
     gradients with the chunked head equal the plain path's."""
     from tests.train.tiny import synthetic_tree, tiny_llama
-    from train import packing
+    from train import logprobs
     from train.config import make_config
     from train.data import DataOptions, build_task
-    from train.trainer import SteerTrainer, TaskDataset, build_peft_model, training_arguments
+    from train.model_setup import build_peft_model
+    from train.trainer import SteerTrainer, TaskDataset, training_arguments
 
     cfg = make_config(data=["x"], out=str(tmp_path), objective="sft+dpo", lora_r=4, lora_dropout=0.0,
                       kl_weight=2.0, rpo_alpha=0.5, progress=False)
@@ -182,13 +183,13 @@ def test_trainer_loss_terms_equal_with_and_without_chunking(monkeypatch, tmp_pat
     trainer = SteerTrainer(model=model, args=training_arguments(cfg, tmp_path), train_dataset=TaskDataset(tasks),
                            steer_config=cfg)
     trainer.prepare_reference(tasks)
-    real = packing.lm_head_of
+    real = logprobs.lm_head_of
     out = {}
     for mode in ("chunked", "plain"):
         if mode == "plain":
-            monkeypatch.setattr(packing, "lm_head_of", lambda *a, **k: None)
+            monkeypatch.setattr(logprobs, "lm_head_of", lambda *a, **k: None)
         else:
-            monkeypatch.setattr(packing, "lm_head_of", lambda m, chunk=None: real(m, 5))
+            monkeypatch.setattr(logprobs, "lm_head_of", lambda m, chunk=None: real(m, 5))
         model.zero_grad(set_to_none=True)
         trainer._metrics.clear()
         loss = trainer.compute_loss(model, {"tasks": tasks})

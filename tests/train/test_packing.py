@@ -1,4 +1,4 @@
-"""train.packing: tree-packed log-probs equal the linearized ones (values and LoRA
+"""train.packing + train.logprobs: tree-packed log-probs equal the linearized ones (values and LoRA
 gradients), no leakage between branches, and the packing plan's rows, positions and masks
 are right at trie and row boundaries."""
 
@@ -15,14 +15,8 @@ transformers = pytest.importorskip("transformers")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from train.packing import (  # noqa: E402
-    TreePackingUnsupported,
-    ancestor_mask,
-    check_tree_packing,
-    pack_stats,
-    plan_packing,
-    token_logprobs,
-)
+from train.logprobs import TreePackingUnsupported, ancestor_mask, check_tree_packing, token_logprobs  # noqa: E402
+from train.packing import pack_stats, plan_packing  # noqa: E402
 
 VOCAB = 64
 TOL = 1e-4
@@ -175,7 +169,7 @@ def test_no_leakage_between_sibling_branches(which, request):
 
 def test_a_causal_mask_would_leak(model, monkeypatch):
     """The leakage test can fail: with a plain causal mask the result changes."""
-    import train.packing as packing
+    import train.logprobs as logprobs
 
     def causal(end, dtype):
         n = end.shape[0]
@@ -185,7 +179,7 @@ def test_a_causal_mask_would_leak(model, monkeypatch):
     seqs = [[5, 6, 7, 10, 11], [5, 6, 7, 20, 21, 22]]
     with torch.no_grad():
         good = token_logprobs(model, seqs)
-        monkeypatch.setattr(packing, "ancestor_mask", causal)
+        monkeypatch.setattr(logprobs, "ancestor_mask", causal)
         bad = token_logprobs(model, seqs)
     assert torch.allclose(good[0], bad[0])  # the first branch precedes the second in DFS
     assert not torch.allclose(good[1][2:], bad[1][2:], atol=1e-3)

@@ -14,7 +14,10 @@ pytest.importorskip("peft")
 from tests.train.tiny import save_tiny_model, synthetic_tree, tiny_llama, write_trees  # noqa: E402
 from train.config import make_config  # noqa: E402
 from train.data import DataOptions, build_task  # noqa: E402
-from train.trainer import Batch, ReferenceCache, SteerTrainer, TaskDataset, build_peft_model  # noqa: E402
+from train.batching import Batch  # noqa: E402
+from train.model_setup import build_peft_model  # noqa: E402
+from train.reference import ReferenceCache  # noqa: E402
+from train.trainer import SteerTrainer, TaskDataset  # noqa: E402
 
 
 def lora_params(model):
@@ -54,11 +57,42 @@ def test_steps_change_lora_and_lower_loss(objective, tmp_path):
         assert trainer.history[-1]["rewards/margin"] > 0
 
 
+def test_eval_mode_scores_without_dropout_and_restores_the_training_flag(tmp_path):
+    """train.reference.eval_mode: eval mode inside (dropout off), the adapter disabled only
+    for the reference, the training flag restored afterwards, also when the body raises."""
+    from train.reference import eval_mode, reference_mode
+
+    cfg = make_config(data=["x"], out=str(tmp_path), lora_r=4, lora_dropout=0.5)
+    model = build_peft_model(tiny_llama(), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model.eval()(input_ids=ids).logits
+        adapted = model(input_ids=ids).logits
+        model.train()
+        with reference_mode(model):
+            assert not model.training
+            torch.testing.assert_close(model(input_ids=ids).logits, base)
+        assert model.training
+        with eval_mode(model):
+            torch.testing.assert_close(model(input_ids=ids).logits, adapted)  # dropout off, adapter on
+        assert model.training
+        model.eval()
+        with pytest.raises(KeyError), reference_mode(model):
+            raise KeyError("inside")
+        assert not model.training
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted)  # the adapter is back on
+
+
 def test_reference_is_the_adapter_disabled_model(tmp_path):
     cfg = make_config(data=["x"], out=str(tmp_path), lora_r=4, lora_dropout=0.0)
     base = tiny_llama()
     tasks = [build_task(synthetic_tree("t", 1), DataOptions())]
-    from train.packing import token_logprobs
+    from train.logprobs import token_logprobs
 
     b = Batch(tasks, use_sft=True, use_pairs=True)
     with torch.no_grad():
@@ -104,6 +138,18 @@ def test_reference_kl_is_zero_at_start_and_grows_when_the_adapter_moves(kl_mode,
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
 
 
+def test_training_arguments_refuse_an_unknown_field_by_name(tmp_path):
+    """No TrainingArguments option is dropped silently: a misspelt (or removed) one is an
+    error naming it; a real one passes through."""
+    from train.trainer import training_arguments
+
+    cfg = make_config(data=["x"], out=str(tmp_path), progress=False)
+    with pytest.raises(TypeError, match="'learning_rat'"):
+        training_arguments(cfg, tmp_path, learning_rat=1e-3)
+    assert training_arguments(cfg, tmp_path, logging_first_step=True).logging_first_step is True
+    assert training_arguments(cfg, tmp_path).learning_rate == cfg.lr
+
+
 def test_full_kl_matches_the_exact_kl_of_one_forward(tmp_path):
     cfg = make_config(data=["x"], out=str(tmp_path), objective="sft", lora_r=4, lora_dropout=0.0, kl_weight=1.0,
                       sft_weight=0.0, progress=False)
@@ -147,17 +193,17 @@ def test_lora_layers_puts_lora_on_the_chosen_blocks_only(tmp_path):
 
 
 def test_cli_run_writes_outputs_and_resumes(tmp_path, monkeypatch):
-    import train.trainer as trainer_mod
+    import train.run as run_mod
     from train.cli import main
 
     trained_on: list[set[str]] = []  # the tasks each run handed the Trainer
-    real_dataset = trainer_mod.TaskDataset
+    real_dataset = run_mod.TaskDataset
 
     def recording_dataset(examples):
         trained_on.append({e.task for e in examples})
         return real_dataset(examples)
 
-    monkeypatch.setattr(trainer_mod, "TaskDataset", recording_dataset)
+    monkeypatch.setattr(run_mod, "TaskDataset", recording_dataset)
 
     data = write_trees(tmp_path / "trees", n_tasks=5)
     model_dir = save_tiny_model(tmp_path / "tiny")
@@ -258,12 +304,13 @@ def test_a_failed_gguf_export_is_reported_and_the_run_still_succeeds(tmp_path, m
     """The PEFT adapter is the run's product; a GGUF export that fails is recorded as
     ``adapter_gguf_error`` (and logged), not turned into a failed run."""
     import train.export
+    import train.run
     from train.cli import main
 
     def broken_export(*a, **kw):
         raise train.export.ExportError("gguf-py does not know the architecture 'x'")
 
-    monkeypatch.setattr(train.export, "export_lora_gguf", broken_export)
+    monkeypatch.setattr(train.run, "export_lora_gguf", broken_export)
     out = tmp_path / "out"
     assert main(_tiny_run_args(tmp_path)) == 0
     m = json.loads((out / "metrics.json").read_text())

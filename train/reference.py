@@ -1,0 +1,85 @@
+"""The reference model: the base with its LoRA adapter disabled, and its cached log-probs.
+
+* `eval_mode` / `reference_mode`: the one way this package scores a model outside a
+  training step: eval mode (no dropout), the adapter disabled for the reference (a no-op on a
+  model without one), and the training flag restored afterwards.
+* `ReferenceCache`: reference log-probs per (task, role, index), computed once before
+  training (sharded over DDP ranks) and read by every step's DPO and one-token KL terms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+from train.batching import Batch
+from train.config import TrainConfig
+from train.data import TaskExample
+from train.logprobs import token_logprobs
+
+
+@contextlib.contextmanager
+def eval_mode(model, *, adapter: bool = True) -> Iterator[None]:
+    """``model`` in eval mode for the body, with its LoRA adapter disabled when ``adapter`` is
+    False (``disable_adapter()``; nothing to disable on a plain model); its training flag
+    is restored afterwards, whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter() if not adapter and hasattr(model, "disable_adapter") else contextlib.nullcontext():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def reference_mode(model) -> contextlib.AbstractContextManager[None]:
+    """The reference model: ``model`` in eval mode with its adapter disabled (`eval_mode`)."""
+    return eval_mode(model, adapter=False)
+
+
+class ReferenceCache:
+    """Reference (adapter-disabled) log-probs per (task, role, index), on the CPU."""
+
+    def __init__(self) -> None:
+        self.logps: dict[tuple[str, str, int], torch.Tensor] = {}
+
+    def __contains__(self, key) -> bool:
+        return key in self.logps
+
+    def get(self, keys: Sequence[tuple[str, str, int]], device, *, sft: bool = True) -> list[torch.Tensor | None]:
+        """The cached log-probs of ``keys``; ``None`` for the SFT paths when ``sft`` is
+        False (only the one-token KL reads them, and then they were never computed)."""
+        return [self.logps[k].to(device) if sft or k[1] != "sft" else None for k in keys]
+
+    @torch.no_grad()
+    def fill(self, model, tasks: Sequence[TaskExample], cfg: TrainConfig, use_sft: bool, use_pairs: bool,
+             batch_size: int = 4, shard: bool = False) -> None:
+        """Compute missing reference log-probs, a few tasks per forward.
+
+        ``shard`` (every rank calls it with the same tasks): under torch.distributed each rank
+        computes every world-size-th task and the ranks exchange their results, so each
+        log-prob is computed once, not once per rank."""
+        todo = [t for t in tasks if any(k not in self.logps for k in Batch([t], use_sft=use_sft, use_pairs=use_pairs).keys)]
+        dist = torch.distributed
+        world = dist.get_world_size() if shard and dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            todo = todo[dist.get_rank()::world]
+            before = set(self.logps)
+        self.computed = len(todo)
+        with reference_mode(model):
+            for i in range(0, len(todo), batch_size):
+                b = Batch(todo[i : i + batch_size], use_sft=use_sft, use_pairs=use_pairs)
+                if not b.sequences:
+                    continue
+                out = token_logprobs(model, b.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
+                                     fallback=True)
+                for k, lp in zip(b.keys, out):
+                    self.logps[k] = lp.detach().float().cpu()
+        if world > 1:
+            mine = {k: v for k, v in self.logps.items() if k not in before}
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, mine)
+            for part in gathered:
+                self.logps.update(part)
