@@ -239,7 +239,7 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
 
 
 def cmd_auto(ns: argparse.Namespace) -> int:
-    from steer_tui.core.auto import run_auto_cli
+    from steer_tui.auto_cli import run_auto_cli
 
     return run_auto_cli(ns)
 

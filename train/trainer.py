@@ -681,7 +681,7 @@ def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dic
     from train import data as D
     from train.evaluate import evaluate_tasks
     from train.export import export_lora_gguf, merge_and_save
-    from train.modeling import load_model, resolve_model, source_metadata, token_pieces, vocab_sha256_from_pieces
+    from train.modeling import load_model, resolve_model, source_metadata, tokenizer_vocab_sha256
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.time()
@@ -698,7 +698,7 @@ def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dic
         model_check = pretraining_check(model, source.path, source_metadata(where),
                                         allow_mismatch=allow_model_mismatch).to_dict()
     vocab = D.VocabCheck(tokenizer=tokenizer, model_sha256=source.sha256,
-                         vocab_sha256=vocab_sha256_from_pieces(token_pieces(tokenizer)) if tokenizer else None)
+                         vocab_sha256=tokenizer_vocab_sha256(tokenizer) if tokenizer else None)
     opts = D.DataOptions(model_token_weight=cfg.model_token_weight, accepted_weight=cfg.accepted_weight,
                          chosen_continuation=cfg.chosen_continuation, rejected_tokens=cfg.rejected_tokens,
                          max_length=cfg.max_length)

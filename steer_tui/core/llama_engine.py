@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 
 import llama_cpp
-from steer_tui.core.engine import BaseEngine, EngineError, file_sha256
+from steer_tui.core.engine_base import BaseEngine
+from steer_tui.core.errors import EngineError
 from steer_tui.core.llama_load import load_llama
+from steer_tui.core.store import file_sha256
 
 __all__ = ["LlamaEngine"]
 

@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from steer_tui.core.engine import Engine, EngineError, Sampling, logsumexp, sample_token, top_k_of
+from steer_tui.core.engine_base import Engine
+from steer_tui.core.errors import EngineError
+from steer_tui.core.sampling import Sampling, logsumexp, sample_token, top_k_of
 from steer_tui.core.fake_engine import EOS, FakeEngine
 from steer_tui.core.text import TextDecoder, pieces
 

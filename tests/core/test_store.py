@@ -88,12 +88,14 @@ def test_truncated_file_is_a_clear_error(tmp_path):
 
 
 def test_huge_file_refused_before_reading(tmp_path, monkeypatch):
-    import steer_tui.core.store as store_mod
-
-    monkeypatch.setattr(store_mod, "MAX_TREE_BYTES", 1024)
     p = tmp_path / "huge.json"
-    p.write_bytes(b" " * 4096)
-    with pytest.raises(StoreError, match="over the 0 MiB limit|over the .* limit"):
+    with open(p, "wb") as fh:  # 3 MiB, sparse
+        fh.truncate(3 << 20)
+    monkeypatch.setenv("STEER_MAX_TREE_MB", "2")  # read when a file is loaded, not at import
+    with pytest.raises(StoreError, match="file is 3 MiB, over the 2 MiB limit"):
+        load_tree(p)
+    monkeypatch.setenv("STEER_MAX_TREE_MB", "4")
+    with pytest.raises(StoreError, match="not valid JSON"):  # past the size check
         load_tree(p)
 
 

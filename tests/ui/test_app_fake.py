@@ -497,7 +497,7 @@ async def test_context_full_is_a_notice_not_a_crash(store, config):
 
 
 async def test_model_load_failure_is_reported(store, config):
-    from steer_tui.core.engine import EngineError
+    from steer_tui.core.errors import EngineError
 
     def broken():
         raise EngineError("model file '/x/broken.gguf' is not a GGUF file")
