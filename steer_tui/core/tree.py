@@ -181,12 +181,6 @@ class SteerTree:
             toks.extend(n.tokens)
         return toks
 
-    def depth_of(self, node_id: str | None) -> int:
-        """Number of response tokens before ``node_id`` starts."""
-        if node_id is None:
-            return 0
-        return sum(len(n.tokens) for n in self.path(self.node(node_id).parent))
-
     def leaves(self) -> list[Node]:
         return [n for n in self.nodes if not self._children.get(n.id)]
 

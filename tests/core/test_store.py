@@ -99,6 +99,31 @@ def test_huge_file_refused_before_reading(tmp_path, monkeypatch):
         load_tree(p)
 
 
+def test_unique_task_id_takes_the_first_free_suffix():
+    from steer_tui.core.store import unique_task_id
+
+    assert unique_task_id("a", set()) == "a"
+    assert unique_task_id("a", {"a"}) == "a.2"
+    assert unique_task_id("a", {"a", "a.2", "a.3"}) == "a.4"
+    assert unique_task_id("a", {"a", "a.3"}) == "a.2"
+
+
+def test_export_renames_a_repeated_task_id_past_a_real_one(tmp_path):
+    """Two annotators' stores with task "t", and a third store holding a real task "t.2":
+    every exported row keeps a unique (task_id, steer_id) key."""
+    from steer_tui.core.export import export
+    from steer_tui.core.tree import Node, new_tree
+
+    for i, tid in enumerate(["t", "t.2", "t"]):
+        tree = new_tree(task_id=tid, title="x", model={"n_vocab": 10}, prompt={"text": "p", "tokens": [1]}, sampling={})
+        tree.add(Node(id="n1", parent=None, author="human", kind="append", tokens=[2], text="b"))
+        tree.accepted.append("n1")
+        save_tree(tree, tmp_path / f"s{i}" / f"{tid}.json")
+    report = export("sft", [tmp_path / f"s{i}" for i in range(3)], tmp_path / "out.jsonl")
+    ids = [json.loads(line)["task_id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert report.rows == 3 and sorted(ids) == ["t", "t.2", "t.3"]
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(StoreError, match="no such task file"):
         Store(tmp_path).load("nothere")
