@@ -34,6 +34,8 @@ from typing import Any
 ACTIONS = ("replace", "pick", "stop", "rewrite")
 SCOPES = ("sentence", "clause")
 REWRITE_MAX_TOKENS = 20
+#: The most tokens a rule may let the model write as one rewrite.
+REWRITE_TOKEN_LIMIT = 256
 _RULE_KEYS = {"name", "pattern", "action", "replace", "ignore_case", "description", "scope", "max_tokens"}
 
 
@@ -106,8 +108,10 @@ def parse_rules(data: Any, source: str = "<rules>") -> list[Rule]:
             raise RuleError(f"{where}: 'scope' and 'max_tokens' are only for action 'rewrite'")
         if scope not in SCOPES:
             raise RuleError(f"{where}: 'scope' is {scope!r}, expected one of {', '.join(SCOPES)}")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 256:
-            raise RuleError(f"{where}: 'max_tokens' must be an integer from 1 to 256, got {max_tokens!r}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= REWRITE_TOKEN_LIMIT:
+            raise RuleError(
+                f"{where}: 'max_tokens' must be an integer from 1 to {REWRITE_TOKEN_LIMIT}, got {max_tokens!r}"
+            )
         rules.append(Rule(name=name, pattern=compiled, action=action, replace=replace, scope=scope, max_tokens=max_tokens))
     return rules
 

@@ -97,6 +97,7 @@ class LlamaEngine(BaseEngine):
 
     @property
     def adapter(self) -> dict | None:
+        """The loaded adapter while it is enabled (what the next evaluation uses), else None."""
         return self._adapter_info if self._adapter_enabled else None
 
     @property
@@ -106,6 +107,7 @@ class LlamaEngine(BaseEngine):
 
     @property
     def adapter_enabled(self) -> bool:
+        """Whether the loaded adapter is on (see ``set_adapter_enabled``)."""
         return self._adapter_enabled
 
     def set_adapter_enabled(self, enabled: bool) -> None:

@@ -44,17 +44,7 @@ from steer_tui.core.session_errors import (
     SessionError,
 )
 from steer_tui.core.session_setup import close_engine, new_task, open_task
-from steer_tui.core.steering import (
-    add_human,
-    append_step,
-    can_extend,
-    generation_rng,
-    new_model_node,
-    redo_node,
-    rollback_point,
-    stored_logprob,
-    undo_node,
-)
+from steer_tui.core import steering
 from steer_tui.core.store import Store, StoreError, TaskLock
 from steer_tui.core.token_view import Token, TokenInfo, decoder_at, tokens_view
 from steer_tui.core.tree import Node, SteerTree
@@ -63,7 +53,6 @@ __all__ = ["TOP_K", "Session"]
 
 #: How many alternatives are recorded per token (SPEC: k >= 5).
 TOP_K = 5
-_POSITION_KEY = "session"
 
 
 class Session:
@@ -165,7 +154,7 @@ class Session:
         if warn:
             s.warnings.append(warn)
             warnings.warn(warn, ModelMismatchWarning, stacklevel=2)
-        s._restore_position()
+        s._end, s._cut = steering.restored_position(s.tree)
         return s
 
     def close(self) -> None:
@@ -189,6 +178,7 @@ class Session:
 
     @property
     def task_id(self) -> str:
+        """The id of the task (its file is ``<store>/tasks/<task_id>.json``)."""
         return self.tree.id
 
     @property
@@ -203,14 +193,17 @@ class Session:
 
     @property
     def generating(self) -> bool:
+        """True while a ``generate`` iterator is running (the tree may not be changed then)."""
         return self._generating
 
     @property
     def path(self) -> list[Node]:
+        """The nodes of the current path, root first."""
         return self.tree.path(self._end)
 
     @property
     def prompt_tokens(self) -> list[int]:
+        """The prompt's token ids, as stored in the tree."""
         return self.tree.prompt_tokens
 
     @property
@@ -221,6 +214,7 @@ class Session:
 
     @property
     def context_tokens(self) -> list[int]:
+        """What the model sees: prompt tokens then response tokens."""
         return self.prompt_tokens + self.response_tokens
 
     @property
@@ -293,9 +287,9 @@ class Session:
             parent = self._end
             node = self.tree.node(parent) if parent is not None else None
             adapter = self.engine.adapter
-            extend = self._cut is None and not self._new_branch and can_extend(self.tree, node, adapter)
+            extend = self._cut is None and not self._new_branch and steering.can_extend(self.tree, node, adapter)
             seed = self.sampling.seed if self.sampling.seed is not None else fresh_seed()
-            rng = generation_rng(seed, context, self.tree, parent)
+            rng = steering.generation_rng(seed, context, self.tree, parent)
             dec = decoder_at(self.tree, parent, self.engine.token_bytes)
             gen = self.engine.generate(
                 context, self.sampling, max_tokens=max_tokens, stop=stop, top_k=TOP_K, rng=rng
@@ -309,12 +303,12 @@ class Session:
                 piece = dec.feed(self.engine.token_bytes(step.id))
                 with self._mu:
                     if target is None:
-                        target = new_model_node(self.tree, parent, adapter)
+                        target = steering.new_model_node(self.tree, parent, adapter)
                         self._move(target.id)
                         self._redo.clear()
                     elif target.id != self._end:
                         self._end = target.id
-                    append_step(target, step, piece)
+                    steering.append_step(target, step, piece)
                     self.dirty = True
                     if time.monotonic() - last_save >= self.autosave_interval:
                         # a long generation is checkpointed, so a crash loses seconds, not minutes
@@ -323,8 +317,8 @@ class Session:
                             self._save_quietly_or_raise()
                         except SaveError:
                             pass  # still dirty; the save at the end reports it
-                top = [(t, stored_logprob(lp)) for t, lp in step.top]
-                yield Token(int(step.id), piece, stored_logprob(step.logprob), top, index)
+                top = [(t, steering.stored_logprob(lp)) for t, lp in step.top]
+                yield Token(int(step.id), piece, steering.stored_logprob(step.logprob), top, index)
                 index += 1
         finally:
             end = gen.end or "paused"  # the consumer stopped iterating early: a pause
@@ -354,14 +348,10 @@ class Session:
         with self._editing():
             if isinstance(n, bool) or not isinstance(n, int):
                 raise SessionError(f"rollback takes a token count, got {n!r}")
-            path = self.tree.path(self._end)
-            total = sum(len(p.tokens) for p in path)
-            if not 0 <= n <= total:
-                raise SessionError(f"cannot roll back to {n} tokens: the response has {total}")
-            if n == total:
+            point = steering.rollback_point(self.tree, self.tree.path(self._end), n, self.engine.token_bytes)
+            if point is None:
                 return
-            end, cut = rollback_point(self.tree, path, n, self.engine.token_bytes)
-            self._move(end, cut=cut)
+            self._move(*point)
             self._redo.clear()
             self._changed()
 
@@ -408,7 +398,7 @@ class Session:
             raise SessionError(str(exc)) from None
         dec = decoder_at(self.tree, self._end, self.engine.token_bytes)
         text = "".join(dec.feed(self.engine.token_bytes(t)) for t in tokens)
-        node = add_human(
+        node = steering.add_human(
             self.tree, parent=self._end, cut=self._cut, kind=kind, tokens=tokens, text=text, steps=steps,
             annotator=self.annotator,
         )
@@ -433,7 +423,7 @@ class Session:
         branch's original end), or to its parent for an append/pick without ``replaces``.
         Returns the undone node, or None when there is nothing to undo."""
         with self._editing():
-            done = undo_node(self.tree, self._end)
+            done = steering.undo_node(self.tree, self._end)
             if done is None:
                 return None
             human, end = done
@@ -448,7 +438,7 @@ class Session:
             if not self._redo:
                 return None
             nid, pos = self._redo.pop()
-            redo_node(self.tree, nid)
+            steering.redo_node(self.tree, nid)
             self._move(pos if (pos is None or pos in self.tree) else nid)
             self._changed()
             return self.tree.node(nid)
@@ -460,7 +450,7 @@ class Session:
         failure; the in-memory state is kept and ``dirty`` stays True."""
         with self._mu:
             self._check_writable()
-            self.tree.extra[_POSITION_KEY] = {"end": self._end, "cut": self._cut}
+            steering.store_position(self.tree, self._end, self._cut)
             try:
                 path = self.store.save(self.tree)
             except StoreError as exc:
@@ -504,14 +494,4 @@ class Session:
         if self._closed:
             raise SessionError("the session is closed")
 
-    def _restore_position(self) -> None:
-        """Where ``open`` continues: the saved position if valid, else the most recently
-        created non-discarded leaf that is not a branch a human replaced."""
-        saved = self.tree.extra.get(_POSITION_KEY)
-        if isinstance(saved, dict):
-            end, cut = saved.get("end"), saved.get("cut")
-            if (end is None or end in self.tree) and (cut is None or (cut in self.tree and self.tree.node(cut).parent == end)):
-                self._end, self._cut = end, cut
-                return
-        self._end, self._cut = self.tree.latest_live_leaf(), None
 

@@ -1,6 +1,7 @@
 """How each steering operation changes a tree, as plain functions over a ``SteerTree``:
 where a rollback cuts (splitting a node), the human node a steer adds, what undo and redo
-discard and restore, and the model node a generation writes into.
+discard and restore, the model node a generation writes into, and the position recorded
+in the file for the next session.
 
 No engine calls, no locking, no saving: ``Session`` evaluates tokens, holds the position and
 saves; these functions only edit the tree and say where the position goes.
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from steer_tui.core.engine_base import Step
+from steer_tui.core.session_errors import SessionError
 from steer_tui.core.token_view import TokenBytes, decoder_at, snap_to_character
 from steer_tui.core.tree import Node, SteerTree
 
@@ -24,7 +26,9 @@ __all__ = [
     "generation_rng",
     "new_model_node",
     "redo_node",
+    "restored_position",
     "rollback_point",
+    "store_position",
     "stored_logprob",
     "stored_top",
     "undo_node",
@@ -32,6 +36,8 @@ __all__ = [
 
 #: ``Node.end`` values after which a generation may extend the node instead of branching.
 EXTENDABLE_ENDS = ("paused", "length")
+#: The tree file's extra top-level key that holds the session's position.
+POSITION_KEY = "session"
 
 
 def stored_logprob(logprob: float) -> float:
@@ -44,10 +50,18 @@ def stored_top(top: Sequence[tuple[int, float]]) -> list[list[float]]:
     return [[int(t), stored_logprob(lp)] for t, lp in top]
 
 
-def rollback_point(tree: SteerTree, path: list[Node], n: int, token_bytes: TokenBytes) -> tuple[str | None, str | None]:
-    """``(end, cut)`` after keeping the first ``n`` response tokens of ``path`` (``n`` less
-    than its length), moved back to a whole character. A node that the cut falls inside is
-    split (``tree.split``), its text pieces decoded in context."""
+def rollback_point(
+    tree: SteerTree, path: list[Node], n: int, token_bytes: TokenBytes
+) -> tuple[str | None, str | None] | None:
+    """``(end, cut)`` after keeping the first ``n`` response tokens of ``path``, moved back to
+    a whole character; None when ``n`` keeps the whole path. A node that the cut falls
+    inside is split (``tree.split``), its text pieces decoded in context. SessionError for
+    an ``n`` outside ``0..len(path)``."""
+    total = sum(len(p.tokens) for p in path)
+    if not 0 <= n <= total:
+        raise SessionError(f"cannot roll back to {n} tokens: the response has {total}")
+    if n == total:
+        return None
     n = snap_to_character(path, n, token_bytes)
     start = 0
     prev: str | None = None
@@ -62,7 +76,23 @@ def rollback_point(tree: SteerTree, path: list[Node], n: int, token_bytes: Token
         head = "".join(dec.feed(token_bytes(t)) for t in node.tokens[:at])
         tail = "".join(dec.feed(token_bytes(t)) for t in node.tokens[at:])
         return node.id, tree.split(node.id, at, head, tail).id
-    raise ValueError(f"cannot roll back to {n} tokens: the path has {start}")
+    raise AssertionError("unreachable: n < total")
+
+
+def store_position(tree: SteerTree, end: str | None, cut: str | None) -> None:
+    """Record the session's position in the tree (extra top-level key ``"session"``)."""
+    tree.extra[POSITION_KEY] = {"end": end, "cut": cut}
+
+
+def restored_position(tree: SteerTree) -> tuple[str | None, str | None]:
+    """``(end, cut)`` where a reopened task continues: the recorded position if it is still
+    valid, else the most recently created live leaf outside replaced branches."""
+    saved = tree.extra.get(POSITION_KEY)
+    if isinstance(saved, dict):
+        end, cut = saved.get("end"), saved.get("cut")
+        if (end is None or end in tree) and (cut is None or (cut in tree and tree.node(cut).parent == end)):
+            return end, cut
+    return tree.latest_live_leaf(), None
 
 
 def add_human(
