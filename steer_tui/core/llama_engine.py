@@ -154,6 +154,7 @@ class LlamaEngine(BaseEngine):
     def render_chat(self, messages: list[dict]) -> str:
         """Render chat messages with the model's own template (GGUF metadata), ending with
         the assistant generation prompt."""
+        import jinja2
         from llama_cpp import llama_chat_format
 
         template = self.llm.metadata.get("tokenizer.chat_template")
@@ -172,7 +173,7 @@ class LlamaEngine(BaseEngine):
             )
         try:
             return self._chat_formatter(messages=messages).prompt
-        except Exception as exc:  # jinja errors, raise_exception() in templates
+        except (jinja2.TemplateError, ValueError, TypeError) as exc:  # raise_exception() raises ValueError
             raise EngineError(f"the model's chat template failed on these messages: {exc}") from None
 
     # ---- primitives ------------------------------------------------------------------------

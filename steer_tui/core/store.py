@@ -274,7 +274,7 @@ class TaskLock:
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
             self.release()
-        except Exception:
+        except (OSError, AttributeError, TypeError):  # closed fd; modules torn down at exit
             pass
 
 
