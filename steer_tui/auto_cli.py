@@ -24,7 +24,7 @@ def run_auto_cli(ns: argparse.Namespace) -> int:
     tasks, errors = load_task_queue(ns.tasks)
     for e in errors:
         print(f"steer-tui: skipped {e}", file=sys.stderr)
-    kwargs: dict[str, Any] = {"adapter": ns.adapter, "n_ctx": ns.n_ctx, "extra_bufts": getattr(ns, "extra_bufts", None)}
+    kwargs: dict[str, Any] = {"adapter": ns.adapter, "n_ctx": ns.n_ctx, "extra_bufts": ns.extra_bufts}
     engine = open_engine(ns.model, **kwargs)
     sampling: dict[str, Any] = {"seed": ns.seed if ns.seed is not None else 0}
     if ns.temperature is not None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from steer_tui.core import steering
 from steer_tui.core.engine_base import Engine, Step
 from steer_tui.core.errors import EngineError
 from steer_tui.core.sampling import Sampling, fresh_seed
@@ -44,7 +45,6 @@ from steer_tui.core.session_errors import (
     SessionError,
 )
 from steer_tui.core.session_setup import close_engine, new_task, open_task
-from steer_tui.core import steering
 from steer_tui.core.store import Store, StoreError, TaskLock
 from steer_tui.core.token_view import Token, TokenInfo, decoder_at, tokens_view
 from steer_tui.core.tree import Node, SteerTree
