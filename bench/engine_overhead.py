@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from steer_tui.core.llama_load import load_llama
 
     from steer_tui import Session
-    from steer_tui.core.engine import Sampling, open_engine
+    from steer_tui.core.engine import open_engine
+    from steer_tui.core.sampling import Sampling
     from steer_tui.core.models import default_model_path
 
     model = Path(args.model) if args.model else default_model_path()

@@ -54,7 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "bench" / "loop_data"
 
-from steer_tui.core.auto import load_rules, run_auto  # noqa: E402
+from steer_tui.core.auto import load_rules  # noqa: E402
+from steer_tui.core.auto_run import run_auto  # noqa: E402
 from steer_tui.core.engine import open_engine  # noqa: E402
 from steer_tui.core.store import Store  # noqa: E402
 from steer_tui.core.tasks import load_task_queue  # noqa: E402
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     st = Settings(ns.train_prompts, ns.heldout_prompts, ns.rules, ns.samples, ns.heldout_samples, ns.max_tokens,
                   ns.temperature, ns.seed, ns.max_steers, ns.threads)
     from steer_tui.core.models import default_model_path
-    from steer_tui.core.engine import file_sha256
+    from steer_tui.core.store import file_sha256
 
     model_sha = file_sha256(default_model_path())
     t0 = time.time()

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from steer_tui import Session
-    from steer_tui.core.engine import Sampling, open_engine
+    from steer_tui.core.engine import open_engine
+    from steer_tui.core.sampling import Sampling
     from steer_tui.core.models import default_model_path
 
     model = Path(args.model) if args.model else default_model_path()
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     warm_t, cold_t, ratios = [], [], []
     for i in range(args.reps):
         # as after generating the whole context: the cache holds all of it
-        s.goto(s._original_end(full_end))
+        s.goto(s.tree.split_chain(full_end)[-1].id)
         engine.logits(full)
         before = engine.n_evaluated
         t0 = time.perf_counter()

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from steer_tui import __version__
+from steer_tui.core.export import FORMATS
+from steer_tui.core.llama_load import SETTINGS
 
 
 class CliError(Exception):
@@ -65,7 +67,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _add_extra_bufts(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--extra-bufts",
-        choices=["auto", "on", "off"],
+        choices=SETTINGS,
         default=None,
         help="llama.cpp extra buffer types (AMX, weight repacking): auto = probe once per CPU and "
         "llama.cpp build and use them where they do not crash (default; also $STEER_EXTRA_BUFTS "
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write training data as JSONL (dpo, sft, kto, trees)")
     _add_store(p)
-    p.add_argument("--format", required=True, choices=["dpo", "sft", "kto", "trees"])
+    p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, metavar="FILE.jsonl")
     p.add_argument("--from", dest="sources", action="append", metavar="DIR|FILE", help="task files or dirs (default: the store; repeatable)")
     p.add_argument("--model", metavar="GGUF", help="vocabulary for rejected-span text (default: the model recorded in the trees)")
@@ -303,7 +305,7 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
 
 
 def cmd_auto(ns: argparse.Namespace) -> int:
-    from steer_tui.core.auto import run_auto_cli
+    from steer_tui.auto_cli import run_auto_cli
 
     return run_auto_cli(ns)
 
@@ -350,9 +352,9 @@ def run_command(ns: argparse.Namespace) -> int:
 
     user_errors: tuple[type[BaseException], ...] = (CliError, StoreError, TreeError, ModelNotFound, TaskQueueError)
     try:
-        from steer_tui.core.engine import EngineError
+        from steer_tui.core.errors import EngineError
         from steer_tui.core.auto import RuleError
-        from steer_tui.core.session import SessionError
+        from steer_tui.core.session_errors import SessionError
 
         user_errors += (EngineError, SessionError, RuleError)
     except ImportError:  # pragma: no cover - during bootstrap

@@ -206,7 +206,7 @@ def eval_main(argv: list[str]) -> int:
     from train import data as D
     from train.data import DataError
     from train.evaluate import evaluate_tasks
-    from train.modeling import ModelError, load_model, resolve_model, token_pieces, vocab_sha256_from_pieces
+    from train.modeling import ModelError, load_model, resolve_model, tokenizer_vocab_sha256
     from train.retokenize import VocabCheck
 
     try:
@@ -221,7 +221,7 @@ def eval_main(argv: list[str]) -> int:
 
             model = PeftModel.from_pretrained(model, str(ad))
         vocab = VocabCheck(tokenizer=tok, model_sha256=source.sha256,
-                           vocab_sha256=vocab_sha256_from_pieces(token_pieces(tok)) if tok else None)
+                           vocab_sha256=tokenizer_vocab_sha256(tok) if tok else None)
         ds = D.build_dataset(trees=rep.trees, vocab=vocab, eval_fraction=args.eval_fraction, seed=args.seed,
                              objective="dpo")
     except (DataError, ModelError) as exc:

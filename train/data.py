@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from steer_tui.core.store import StoreError, load_tree
+from steer_tui.core.store import StoreError, load_tree, unique_task_id
 from steer_tui.core.tree import Node, SteerTree, TreeError
 from train.config import OBJECTIVES
 from train.retokenize import VocabCheck, retokenize_segments
@@ -181,12 +181,10 @@ def load_trees(sources: Sequence[str | os.PathLike[str]]) -> LoadReport:
                 continue
             # Two annotators' stores can hold one task id (a shared --tasks queue): keep both
             # trees under distinct ids; split_group keeps them on the same side of the split.
-            k = 2
-            while f"{tree.id}.{k}" in ids:
-                k += 1
-            log.info("%s: task id %r also in %s; training on it as %r", f, tree.id, ids[tree.id], f"{tree.id}.{k}")
+            new_id = unique_task_id(tree.id, ids)
+            log.info("%s: task id %r also in %s; training on it as %r", f, tree.id, ids[tree.id], new_id)
             tree.extra.setdefault("split_group", tree.id)
-            tree.id = f"{tree.id}.{k}"
+            tree.id = new_id
         ids[tree.id] = f
         trees.append(tree)
         used.append(f)
@@ -231,10 +229,7 @@ def _rejected_ids(tree: SteerTree) -> set[str]:
     out: set[str] = set()
     for n in tree.nodes:
         if n.is_steer and not tree.is_discarded(n.id):
-            cur: str | None = n.replaces
-            while cur is not None:
-                out.add(cur)
-                cur = next((c.id for c in tree.children(cur) if c.extra.get("split_from") == cur), None)
+            out.update(c.id for c in tree.split_chain(n.replaces))  # type: ignore[arg-type]
     return out
 
 
@@ -272,12 +267,7 @@ def _accepted_path_nodes(tree: SteerTree) -> set[str]:
 
 def _original_nodes(tree: SteerTree, node_id: str) -> list[Node]:
     """The replaced node and the tails later split from it (what the model first wrote)."""
-    nodes = [tree.node(node_id)]
-    while True:
-        nxt = next((c for c in tree.children(nodes[-1].id) if c.extra.get("split_from") == nodes[-1].id), None)
-        if nxt is None:
-            return nodes
-        nodes.append(nxt)
+    return tree.split_chain(node_id)
 
 
 def _n_tokens(nodes: Sequence[Node]) -> int:

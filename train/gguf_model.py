@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from steer_tui.core.gguf import is_gguf_magic
+
 #: bump when the conversion changes: cached conversions of an older loader are redone
 LOADER_VERSION = 2
 
@@ -69,7 +71,7 @@ class Meta:
         with open(self.path, "rb") as fh:
             self.buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         b = self.buf
-        if b[:4] != b"GGUF":
+        if not is_gguf_magic(b[:4]):
             raise ValueError(f"{self.path} is not a GGUF file")
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", b, 4)
         if version < 2:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from steer_tui.core.engine import gguf_metadata
+from steer_tui.core.gguf import gguf_metadata
 
 CHATML = """{{- if .System }}<|im_start|>system
 {{ .System }}<|im_end|>

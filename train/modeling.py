@@ -20,7 +20,6 @@ Weights load with ``use_safetensors=True`` (no pickle); ``trust_remote_code`` on
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -28,13 +27,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
+from steer_tui.core.gguf import is_gguf_magic
 from steer_tui.core.store import file_sha256
+from steer_tui.core.vocab import vocab_sha256
 
 log = logging.getLogger(__name__)
 
-GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "steer_source.json"  # written into a converted directory: where it came from
 
 
@@ -65,7 +65,7 @@ def is_gguf(path: str | os.PathLike[str]) -> bool:
     p = Path(path)
     try:
         with p.open("rb") as fh:
-            return fh.read(4) == GGUF_MAGIC
+            return is_gguf_magic(fh.read(4))
     except OSError:
         return False
 
@@ -396,11 +396,8 @@ def token_pieces(tokenizer) -> list[bytes]:
     return pieces
 
 
-def vocab_sha256_from_pieces(pieces: Sequence[bytes]) -> str:
-    """sha256 over the token byte strings in id order, each length-prefixed (4 bytes LE) so
-    that concatenations cannot collide."""
-    h = hashlib.sha256()
-    for p in pieces:
-        h.update(len(p).to_bytes(4, "little"))
-        h.update(p)
-    return h.hexdigest()
+def tokenizer_vocab_sha256(tokenizer) -> str:
+    """The training tokenizer's vocabulary hash: the engine's own rule
+    (``steer_tui.core.vocab.vocab_sha256``) over its token pieces, so equal hashes mean the
+    trees' token ids can be trained on without retokenising."""
+    return vocab_sha256(token_pieces(tokenizer))

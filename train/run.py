@@ -26,7 +26,7 @@ from train.evaluate import evaluate_tasks
 from train.export import ExportError, export_lora_gguf, merge_and_save
 from train.memory import check_memory
 from train.model_setup import build_peft_model, set_attn_impl, weights_dtype
-from train.modeling import load_model, resolve_model, source_metadata, token_pieces, vocab_sha256_from_pieces
+from train.modeling import load_model, resolve_model, source_metadata, tokenizer_vocab_sha256
 from train.retokenize import VocabCheck
 from train.trainer import StopOnNonFinite, SteerTrainer, TaskDataset, last_checkpoint, training_arguments
 
@@ -96,7 +96,7 @@ def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dic
         model_check = pretraining_check(model, source.path, source_metadata(where),
                                         allow_mismatch=allow_model_mismatch).to_dict()
     vocab = VocabCheck(tokenizer=tokenizer, model_sha256=source.sha256,
-                       vocab_sha256=vocab_sha256_from_pieces(token_pieces(tokenizer)) if tokenizer else None)
+                       vocab_sha256=tokenizer_vocab_sha256(tokenizer) if tokenizer else None)
     opts = D.DataOptions(model_token_weight=cfg.model_token_weight, accepted_weight=cfg.accepted_weight,
                          chosen_continuation=cfg.chosen_continuation, rejected_tokens=cfg.rejected_tokens,
                          max_length=cfg.max_length)

@@ -27,6 +27,9 @@ MIN_FREE_BYTES = 200 * 1024**2
 
 @dataclass(frozen=True)
 class Check:
+    """One line of the report: under ``section``, ``label`` was found to be ``value``; when
+    that is a ``problem``, ``fix`` says what to do about it."""
+
     section: str
     label: str
     value: str

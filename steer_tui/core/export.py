@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from steer_tui.core.store import Store, StoreError, load_tree
+from steer_tui.core.store import StoreError, load_tree, unique_task_id
 from steer_tui.core.tree import SteerTree, TreeError
 
 FORMATS = ("dpo", "sft", "kto", "trees")
@@ -173,15 +173,12 @@ def export(
 
 def _write_rows(fmt, sources, out_p: Path, tmp: Path, report: ExportReport, errors: list[str], detok, rejected_tokens) -> None:
     out_p.parent.mkdir(parents=True, exist_ok=True)
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     with tmp.open("w", encoding="utf-8") as fh:
         for tree in iter_trees(sources, errors):
             report.trees += 1
-            # Two annotators' stores can hold the same task id (a shared --tasks queue):
-            # later ones get "<id>.2", "<id>.3"... so (task_id, steer_id) stays a unique key.
-            seen[tree.id] = seen.get(tree.id, 0) + 1
-            if seen[tree.id] > 1:
-                tree.id = f"{tree.id}.{seen[tree.id]}"
+            tree.id = unique_task_id(tree.id, taken)  # (task_id, steer_id) stays a unique key
+            taken.add(tree.id)
             if fmt == "trees":
                 rows: Iterable[dict[str, Any]] = [tree.to_dict()]
             elif fmt == "dpo":
@@ -197,6 +194,3 @@ def _write_rows(fmt, sources, out_p: Path, tmp: Path, report: ExportReport, erro
         os.fsync(fh.fileno())
     os.replace(tmp, out_p)
 
-
-def default_sources(store: Store) -> list[Path]:
-    return [store.tasks_dir]

@@ -27,7 +27,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from steer_tui.core.engine import BaseEngine, EngineError
+from steer_tui.core.engine_base import BaseEngine
+from steer_tui.core.errors import EngineError
 
 __all__ = ["FakeEngine"]
 

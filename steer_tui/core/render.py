@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from steer_tui.core.safe_text import visible
+from steer_tui.core.sampling import rank_of
 from steer_tui.core.tree import Node, SteerTree
 
 
@@ -26,7 +27,7 @@ def _label(tree: SteerTree, n: Node, replaced_by: dict[str, str], discarded: set
         marks.append(f"rejected by {replaced_by[n.id]}")
     if n.is_human and n.logprobs:
         marks.append(f"model p(correction)={math.exp(sum(n.logprobs)):.2g}")
-        if n.logprobs and n.top and n.top[0] and n.top[0][0][0] == n.tokens[0]:
+        if n.top and rank_of(n.top[0], n.tokens[0]) == 1:
             marks.append("model's top choice")
     if n.id in discarded:
         marks.append("DISCARDED")

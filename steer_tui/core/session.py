@@ -1,6 +1,8 @@
 """The headless steering session: a task's tree, an engine and a position in the tree.
 
 The TUI, ``steer-tui auto`` and scripts all drive a ``Session``; see docs/session.md.
+Setting one up (engine, prompt, model check) is in ``session_setup``; the per-token text
+views are in ``token_view``; the errors in ``session_errors``.
 
 Position model
 --------------
@@ -22,118 +24,35 @@ The position is stored in the file under the extra key ``"session"`` so that
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 import time
 import warnings
-import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from steer_tui.core.engine import Engine, EngineError, Sampling, Step
-from steer_tui.core.store import Store, StoreError, TaskLock, TaskLocked
-from steer_tui.core.text import TextDecoder
-from steer_tui.core.tree import Node, SteerTree, TreeError, new_tree
+from steer_tui.core import steering
+from steer_tui.core.engine_base import Engine, Step
+from steer_tui.core.errors import EngineError
+from steer_tui.core.sampling import Sampling, fresh_seed
+from steer_tui.core.session_errors import (
+    ModelMismatchWarning,
+    SaveError,
+    SessionBusy,
+    SessionError,
+)
+from steer_tui.core.session_setup import close_engine, new_task, open_task
+from steer_tui.core.store import Store, StoreError, TaskLock
+from steer_tui.core.token_view import Token, TokenInfo, decoder_at, tokens_view
+from steer_tui.core.tree import Node, SteerTree
 
-__all__ = [
-    "ModelMismatch",
-    "ModelMismatchWarning",
-    "SaveError",
-    "Session",
-    "SessionBusy",
-    "SessionError",
-    "TaskLocked",
-    "Token",
-    "TokenInfo",
-]
+__all__ = ["TOP_K", "Session"]
 
 #: How many alternatives are recorded per token (SPEC: k >= 5).
 TOP_K = 5
-_POSITION_KEY = "session"
-
-
-class SessionError(Exception):
-    """A session operation is not possible now (clear message for the user)."""
-
-
-class SessionBusy(SessionError):
-    """A generation is running; pause it (set the stop event) before changing the tree."""
-
-
-class ModelMismatch(SessionError):
-    """The tree was made with a model whose vocabulary differs: its token ids are meaningless here."""
-
-
-class ModelMismatchWarning(UserWarning):
-    """The model file differs from the tree's (same vocabulary): continuing is allowed."""
-
-
-class SaveError(SessionError):
-    """Saving failed (disk full, permission...). The in-memory state is intact; retry with save()."""
-
-
-@dataclass(frozen=True)
-class Token:
-    """One generated token as ``Session.generate`` yields it. ``index`` is its position in
-    the response (0 = first token after the prompt); ``text`` is its UTF-8-safe piece."""
-
-    id: int
-    text: str
-    logprob: float
-    top: list[tuple[int, float]]
-    index: int
-
-
-@dataclass(frozen=True)
-class TokenInfo:
-    """One token of the current path, for the UI: where it lives (``node_id``, ``offset``
-    inside the node) and what it is. ``text`` pieces concatenate to the response text."""
-
-    index: int
-    node_id: str
-    offset: int
-    id: int
-    text: str
-    logprob: float | None
-    top: list[tuple[int, float]] | None
-    author: str
-    kind: str
-
-
-def _engine_model_info(engine: Engine) -> dict[str, Any]:
-    if hasattr(engine, "describe"):
-        return engine.describe()  # type: ignore[no-any-return]
-    return {
-        "name": engine.name,
-        "path": engine.path,
-        "sha256": engine.sha256,
-        "n_vocab": engine.n_vocab,
-        "vocab_sha256": engine.vocab_sha256,
-        "eos_ids": list(engine.eos_ids),
-        "adapter": engine.adapter,
-    }
-
-
-def _as_store(store: Store | str | os.PathLike[str] | None) -> Store:
-    return store if isinstance(store, Store) else Store(store)
-
-
-def _load_engine(model: Any, adapter: Any, n_ctx: int | None, seed: int | None) -> tuple[Engine, bool]:
-    """(engine, owned). An Engine instance is used as is; otherwise a GGUF is loaded."""
-    if model is not None and not isinstance(model, (str, os.PathLike)):
-        if adapter is not None:
-            raise SessionError("pass the adapter to open_engine() when you pass an engine object")
-        return model, False
-    from steer_tui.core.engine import open_engine
-
-    kwargs: dict[str, Any] = {"adapter": adapter, "seed": seed}
-    if n_ctx is not None:
-        kwargs["n_ctx"] = n_ctx
-    return open_engine(model, **kwargs), True
 
 
 class Session:
@@ -199,68 +118,11 @@ class Session:
         ``system`` adds a system message. ``sampling.seed=None`` draws a seed, which is
         recorded so the task can be reproduced. ``model`` is None (bundled default), a
         GGUF path or an Engine object (not closed by the session)."""
-        samp = Sampling.from_dict(sampling) if not isinstance(sampling, Sampling) else sampling
-        if samp.seed is None:
-            samp = samp.replace(seed=secrets.randbits(31))
-        if (prompt is None) == (messages is None):
-            raise SessionError("give exactly one of prompt= (text) or messages= (a chat)")
-        if raw and (messages is not None or system is not None):
-            raise SessionError("raw=True takes a prompt text only (no messages or system)")
-        if prompt is not None and not isinstance(prompt, str):
-            raise SessionError(f"prompt must be a string, got {type(prompt).__name__}")
-        if messages is not None:
-            msgs = _check_messages(messages)
-        elif not raw:
-            msgs = [{"role": "user", "content": prompt}]
-        else:
-            msgs = None
-        if system is not None and msgs is not None:
-            if not isinstance(system, str):
-                raise SessionError("system must be a string")
-            msgs = [{"role": "system", "content": system}] + [m for m in msgs if m["role"] != "system"]
-        st = _as_store(store)
-        engine, owned = _load_engine(model, adapter, n_ctx, samp.seed)
-        try:
-            if raw:
-                text = prompt or ""
-                tokens = engine.tokenize(text, add_bos=bool(getattr(engine, "add_bos", False)), special=True)
-                prompt_obj: dict[str, Any] = {"mode": "raw", "text": text, "tokens": tokens}
-            else:
-                text = engine.render_chat(msgs)
-                bos_id = getattr(engine, "bos_id", None)
-                add_bos = bool(getattr(engine, "add_bos", False))
-                tokens = engine.tokenize(text, add_bos=add_bos, special=True)
-                if add_bos and bos_id is not None and len(tokens) > 1 and tokens[0] == tokens[1] == bos_id:
-                    tokens = tokens[1:]  # the template wrote BOS itself
-                prompt_obj = {"mode": "chat", "messages": msgs, "text": text, "tokens": tokens}
-            if not tokens:
-                raise SessionError("the prompt is empty")
-            if len(tokens) >= engine.n_ctx:
-                raise SessionError(
-                    f"the prompt has {len(tokens)} tokens; the context window holds {engine.n_ctx} "
-                    f"(raise n_ctx or shorten the prompt)"
-                )
-            if title is None:
-                first = prompt if prompt is not None else next(
-                    (m["content"] for m in msgs or [] if m["role"] == "user"), "task"
-                )
-                title = " ".join(first.split())[:60] or "task"
-            tid = task_id or st.new_task_id(title)
-            if st.exists(tid):
-                raise SessionError(f"task {tid!r} already exists in {st.root}; open it instead")
-            tree = new_tree(
-                task_id=tid,
-                title=title,
-                model=_engine_model_info(engine),
-                prompt=prompt_obj,
-                sampling=samp.to_dict(),
-            )
-            lock = st.lock(tid)
-        except BaseException:
-            if owned:
-                _close_engine(engine)
-            raise
-        s = cls(store=st, tree=tree, engine=engine, owns_engine=owned, lock=lock, annotator=annotator)
+        p = new_task(
+            store, prompt=prompt, messages=messages, system=system, raw=raw, model=model, adapter=adapter,
+            sampling=sampling, title=title, task_id=task_id, n_ctx=n_ctx,
+        )
+        s = cls(store=p.store, tree=p.tree, engine=p.engine, owns_engine=p.owns_engine, lock=p.lock, annotator=annotator)
         try:
             s.save()
         except SaveError:
@@ -283,31 +145,16 @@ class Session:
         tree's (else ``ModelMismatch``); a different model file with the same vocabulary only
         warns (``ModelMismatchWarning``, also listed in ``session.warnings``). Raises
         ``TaskLocked`` if another session holds the task, unless ``read_only``."""
-        if task_id is None:
-            raise SessionError("task_id is required")
-        st = _as_store(store)
-        tree = st.load(task_id)
-        lock = None if read_only else st.lock(task_id)
-        try:
-            seed = tree.sampling.get("seed") if isinstance(tree.sampling, dict) else None
-            engine, owned = _load_engine(model, adapter, n_ctx, seed if isinstance(seed, int) else None)
-        except BaseException:
-            if lock is not None:
-                lock.release()
-            raise
-        try:
-            warn = _check_model(tree, engine, st.task_path(task_id))
-        except BaseException:
-            if lock is not None:
-                lock.release()
-            if owned:
-                _close_engine(engine)
-            raise
-        s = cls(store=st, tree=tree, engine=engine, owns_engine=owned, lock=lock, annotator=annotator, read_only=read_only)
+        p = open_task(store, task_id, model=model, read_only=read_only, adapter=adapter, n_ctx=n_ctx)
+        s = cls(
+            store=p.store, tree=p.tree, engine=p.engine, owns_engine=p.owns_engine, lock=p.lock,
+            annotator=annotator, read_only=read_only,
+        )
+        warn = p.warning
         if warn:
             s.warnings.append(warn)
             warnings.warn(warn, ModelMismatchWarning, stacklevel=2)
-        s._restore_position()
+        s._end, s._cut = steering.restored_position(s.tree)
         return s
 
     def close(self) -> None:
@@ -319,7 +166,7 @@ class Session:
             self._lock_handle.release()
             self._lock_handle = None
         if self._owns_engine:
-            _close_engine(self.engine)
+            close_engine(self.engine)
 
     def __enter__(self) -> Session:
         return self
@@ -331,6 +178,7 @@ class Session:
 
     @property
     def task_id(self) -> str:
+        """The id of the task (its file is ``<store>/tasks/<task_id>.json``)."""
         return self.tree.id
 
     @property
@@ -345,14 +193,17 @@ class Session:
 
     @property
     def generating(self) -> bool:
+        """True while a ``generate`` iterator is running (the tree may not be changed then)."""
         return self._generating
 
     @property
     def path(self) -> list[Node]:
+        """The nodes of the current path, root first."""
         return self.tree.path(self._end)
 
     @property
     def prompt_tokens(self) -> list[int]:
+        """The prompt's token ids, as stored in the tree."""
         return self.tree.prompt_tokens
 
     @property
@@ -363,6 +214,7 @@ class Session:
 
     @property
     def context_tokens(self) -> list[int]:
+        """What the model sees: prompt tokens then response tokens."""
         return self.prompt_tokens + self.response_tokens
 
     @property
@@ -373,27 +225,7 @@ class Session:
     def tokens_view(self) -> list[TokenInfo]:
         """One entry per response token of the current path (UTF-8-safe text pieces)."""
         with self._mu:
-            out: list[TokenInfo] = []
-            dec = TextDecoder()
-            tb = self.engine.token_bytes
-            i = 0
-            for node in self.tree.path(self._end):
-                for off, tok in enumerate(node.tokens):
-                    out.append(
-                        TokenInfo(
-                            index=i,
-                            node_id=node.id,
-                            offset=off,
-                            id=tok,
-                            text=dec.feed(tb(tok)),
-                            logprob=node.logprobs[off] if node.logprobs is not None else None,
-                            top=[(int(t), float(lp)) for t, lp in node.top[off]] if node.top is not None else None,
-                            author=node.author,
-                            kind=node.kind,
-                        )
-                    )
-                    i += 1
-            return out
+            return tokens_view(self.tree, self._end, self.engine.token_bytes)
 
     def siblings(self, node_id: str | None = None) -> list[Node]:
         """The node (default: the current end, or the cut node after a rollback) and its
@@ -410,9 +242,7 @@ class Session:
         with self._mu:
             self._check_idle()
             self.tree.node(node_id)
-            self._end = self._preferred_leaf(node_id)
-            self._cut = None
-            self._new_branch = False
+            self._move(self.tree.latest_leaf(node_id))
 
     def goto(self, node_id: str | None) -> None:
         """Make ``node_id`` the end of the current path (None: back to the bare prompt)."""
@@ -420,9 +250,7 @@ class Session:
             self._check_idle()
             if node_id is not None:
                 self.tree.node(node_id)
-            self._end = node_id
-            self._cut = None
-            self._new_branch = False
+            self._move(node_id)
 
     # ------------------------------------------------------------------ generation
 
@@ -436,15 +264,12 @@ class Session:
         ``last_end`` and the node's ``end`` say why (eos | length | context | paused) and the
         tree is saved. Setting ``stop`` pauses it after the current token. A path that
         already ends with an EOS token yields nothing (``last_end == "eos"``)."""
-        with self._mu:
-            self._check_writable()
-            self._check_idle()
+        with self._editing():  # refuse now, not at the first next()
+            pass
         return self._run_generation(max_tokens, stop)
 
     def _run_generation(self, max_tokens: int | None, stop: threading.Event | None) -> Iterator[Token]:
-        with self._mu:
-            self._check_writable()
-            self._check_idle()
+        with self._editing():
             self._generating = True
         try:
             yield from self._generate(max_tokens, stop)
@@ -462,29 +287,14 @@ class Session:
             parent = self._end
             node = self.tree.node(parent) if parent is not None else None
             adapter = self.engine.adapter
-            extend = (
-                node is not None
-                and node.is_model
-                and node.end in ("paused", "length")
-                and self._cut is None
-                and not self._new_branch
-                and not self.tree.children(node.id)
-                and node.adapter == adapter
-                and not self.tree.is_discarded(node.id)
-            )
-            n_model_children = sum(1 for c in self.tree.children(parent) if c.is_model)
-            seed = self.sampling.seed if self.sampling.seed is not None else secrets.randbits(31)
-            rng = np.random.default_rng(
-                [seed, zlib.crc32(np.asarray(context, dtype=np.int64).tobytes()), n_model_children]
-            )
-            dec = self._decoder_at(parent)
+            extend = self._cut is None and not self._new_branch and steering.can_extend(self.tree, node, adapter)
+            seed = self.sampling.seed if self.sampling.seed is not None else fresh_seed()
+            rng = steering.generation_rng(seed, context, self.tree, parent)
+            dec = decoder_at(self.tree, parent, self.engine.token_bytes)
             gen = self.engine.generate(
                 context, self.sampling, max_tokens=max_tokens, stop=stop, top_k=TOP_K, rng=rng
             )
-            if extend:
-                target = node
-            else:
-                target = None  # created lazily on the first token
+            target = node if extend else None  # a new node is created on the first token
             index = len(context) - len(self.prompt_tokens)
         step: Step
         last_save = time.monotonic()
@@ -493,32 +303,12 @@ class Session:
                 piece = dec.feed(self.engine.token_bytes(step.id))
                 with self._mu:
                     if target is None:
-                        target = self.tree.add(
-                            Node(
-                                id=self.tree.new_id(),
-                                parent=parent,
-                                author="model",
-                                kind="generated",
-                                tokens=[],
-                                text="",
-                                logprobs=[],
-                                top=[],
-                                end="paused",
-                                adapter=dict(adapter) if adapter else None,
-                            )
-                        )
-                        self._end = target.id
-                        self._cut = None
-                        self._new_branch = False
+                        target = steering.new_model_node(self.tree, parent, adapter)
+                        self._move(target.id)
                         self._redo.clear()
                     elif target.id != self._end:
                         self._end = target.id
-                    target.tokens.append(int(step.id))
-                    target.text += piece
-                    assert target.logprobs is not None and target.top is not None
-                    target.logprobs.append(_r(step.logprob))
-                    target.top.append([[int(t), _r(lp)] for t, lp in step.top])
-                    target.end = "paused"
+                    steering.append_step(target, step, piece)
                     self.dirty = True
                     if time.monotonic() - last_save >= self.autosave_interval:
                         # a long generation is checkpointed, so a crash loses seconds, not minutes
@@ -527,7 +317,8 @@ class Session:
                             self._save_quietly_or_raise()
                         except SaveError:
                             pass  # still dirty; the save at the end reports it
-                yield Token(int(step.id), piece, _r(step.logprob), [(t, _r(lp)) for t, lp in step.top], index)
+                top = [(t, steering.stored_logprob(lp)) for t, lp in step.top]
+                yield Token(int(step.id), piece, steering.stored_logprob(step.logprob), top, index)
                 index += 1
         finally:
             end = gen.end or "paused"  # the consumer stopped iterating early: a pause
@@ -542,9 +333,7 @@ class Session:
     def resample(self) -> None:
         """The next ``generate`` starts a new model branch at the current position (a sibling
         of what was cut, or a new child of ``end`` instead of extending it)."""
-        with self._mu:
-            self._check_writable()
-            self._check_idle()
+        with self._editing():
             self._new_branch = True
 
     # ------------------------------------------------------------------ steering
@@ -556,42 +345,15 @@ class Session:
         of its KV cache lazily, on the next evaluation). If ``n`` falls between the byte
         tokens of one character (an emoji split by a byte-level tokenizer), the rollback
         keeps only the tokens before that character, so no half character is left behind."""
-        with self._mu:
-            self._check_writable()
-            self._check_idle()
+        with self._editing():
             if isinstance(n, bool) or not isinstance(n, int):
                 raise SessionError(f"rollback takes a token count, got {n!r}")
-            path = self.tree.path(self._end)
-            total = sum(len(p.tokens) for p in path)
-            if not 0 <= n <= total:
-                raise SessionError(f"cannot roll back to {n} tokens: the response has {total}")
-            if n == total:
+            point = steering.rollback_point(self.tree, self.tree.path(self._end), n, self.engine.token_bytes)
+            if point is None:
                 return
-            tb = self.engine.token_bytes
-            n = self._snap_to_character(path, n)
-            start = 0
-            dec = TextDecoder()
-            prev: str | None = None
-            for node in path:
-                ln = len(node.tokens)
-                if start + ln <= n:
-                    for t in node.tokens:
-                        dec.feed(tb(t))
-                    prev, start = node.id, start + ln
-                    continue
-                at = n - start
-                if at == 0:
-                    self._end, self._cut = prev, node.id
-                else:
-                    head = "".join(dec.feed(tb(t)) for t in node.tokens[:at])
-                    tail = "".join(dec.feed(tb(t)) for t in node.tokens[at:])
-                    tail_node = self.tree.split(node.id, at, head, tail)
-                    self._end, self._cut = node.id, tail_node.id
-                break
-            self._new_branch = False
+            self._move(*point)
             self._redo.clear()
-            self.dirty = True
-            self._save_quietly_or_raise()
+            self._changed()
 
     def correct(self, text: str) -> Node:
         """Add the human's text at the current position (a ``correction`` replacing what the
@@ -606,9 +368,7 @@ class Session:
             raise SessionError(f"a correction must be text, got {type(text).__name__}")
         if not text.strip():
             raise SessionError("a correction cannot be empty or only whitespace")
-        with self._mu:
-            self._check_writable()
-            self._check_idle()
+        with self._editing():
             tokens = self.engine.tokenize(text, add_bos=False, special=False)
             if not tokens:
                 raise SessionError(f"the correction {text!r} produced no tokens")
@@ -618,9 +378,7 @@ class Session:
         """Choose the next token yourself (normally one of the top-k alternatives shown at
         the current end; any id of the vocabulary is accepted). A ``pick`` node that replaces
         what the last rollback cut, if anything."""
-        with self._mu:
-            self._check_writable()
-            self._check_idle()
+        with self._editing():
             if isinstance(token_id, bool) or not isinstance(token_id, (int, np.integer)):
                 raise SessionError(f"pick takes a token id, got {token_id!r}")
             if not 0 <= int(token_id) < self.engine.n_vocab:
@@ -638,102 +396,51 @@ class Session:
             steps = self.engine.score(context, tokens, top_k=TOP_K)
         except EngineError as exc:
             raise SessionError(str(exc)) from None
-        cut = self.tree.node(self._cut) if self._cut is not None else None
-        replaces = cut.id if cut is not None and cut.is_model else None
-        # Typing over your own earlier text supersedes it: the cut human branch is
-        # discarded (kept in the file, never trained on); undo brings it back.
-        supersedes = cut.id if cut is not None and cut.is_human and cut.id not in self.tree.discarded else None
-        if replaces is None and kind == "correction":
-            kind = "append"
-        dec = self._decoder_at(self._end)
+        dec = decoder_at(self.tree, self._end, self.engine.token_bytes)
         text = "".join(dec.feed(self.engine.token_bytes(t)) for t in tokens)
-        node = self.tree.add(
-            Node(
-                id=self.tree.new_id(),
-                parent=self._end,
-                author="human",
-                kind=kind,
-                tokens=list(tokens),
-                text=text,
-                logprobs=[_r(s.logprob) for s in steps],
-                top=[[[int(t), _r(lp)] for t, lp in s.top] for s in steps],
-                replaces=replaces,
-                annotator=self.annotator,
-                extra={"supersedes": supersedes} if supersedes else {},
-            )
+        node = steering.add_human(
+            self.tree, parent=self._end, cut=self._cut, kind=kind, tokens=tokens, text=text, steps=steps,
+            annotator=self.annotator,
         )
-        if supersedes:
-            self.tree.discarded.append(supersedes)
-        self._end, self._cut = node.id, None
-        self._new_branch = False
+        self._move(node.id)
         self._redo.clear()
-        self.dirty = True
-        self._save_quietly_or_raise()
+        self._changed()
         return node
 
     def accept(self) -> None:
         """Mark the current path as good as a whole (its end goes to ``accepted``)."""
-        with self._mu:
-            self._check_writable()
-            self._check_idle()
+        with self._editing():
             if self._end is None:
                 raise SessionError("nothing to accept: the response is empty")
             if self._end not in self.tree.accepted:
                 self.tree.accepted.append(self._end)
                 self.tree.touch()
-            self.dirty = True
-            self._save_quietly_or_raise()
+            self._changed()
 
     def undo(self) -> Node | None:
         """Undo the most recent human node on the current path: it is added to ``discarded``
         (never deleted) and the position returns to the model branch it replaced (that
         branch's original end), or to its parent for an append/pick without ``replaces``.
         Returns the undone node, or None when there is nothing to undo."""
-        with self._mu:
-            self._check_writable()
-            self._check_idle()
-            path = self.tree.path(self._end)
-            gone = set(self.tree.discarded)
-            human = next((n for n in reversed(path) if n.is_human and n.id not in gone), None)
-            if human is None:
+        with self._editing():
+            done = steering.undo_node(self.tree, self._end)
+            if done is None:
                 return None
-            before = self._end
-            self.tree.discarded.append(human.id)
-            self.tree.touch()
-            superseded = human.extra.get("supersedes")
-            if superseded in self.tree.discarded:  # bring back the text it had replaced
-                self.tree.discarded.remove(superseded)
-                self._end = self._original_end(superseded)
-            elif human.replaces is not None:
-                self._end = self._original_end(human.replaces)
-            else:
-                self._end = human.parent
-            self._cut = None
-            self._new_branch = False
-            self._redo.append((human.id, before))
-            self.dirty = True
-            self._save_quietly_or_raise()
+            human, end = done
+            self._redo.append((human.id, self._end))
+            self._move(end)
+            self._changed()
             return human
 
     def redo(self) -> Node | None:
         """Restore the last undone node (and the position it had). None if nothing to redo."""
-        with self._mu:
-            self._check_writable()
-            self._check_idle()
+        with self._editing():
             if not self._redo:
                 return None
             nid, pos = self._redo.pop()
-            if nid in self.tree.discarded:
-                self.tree.discarded.remove(nid)
-            superseded = self.tree.node(nid).extra.get("supersedes")
-            if superseded and superseded not in self.tree.discarded:
-                self.tree.discarded.append(superseded)
-            self.tree.touch()
-            self._end = pos if (pos is None or pos in self.tree) else nid
-            self._cut = None
-            self._new_branch = False
-            self.dirty = True
-            self._save_quietly_or_raise()
+            steering.redo_node(self.tree, nid)
+            self._move(pos if (pos is None or pos in self.tree) else nid)
+            self._changed()
             return self.tree.node(nid)
 
     # ------------------------------------------------------------------ saving
@@ -743,7 +450,7 @@ class Session:
         failure; the in-memory state is kept and ``dirty`` stays True."""
         with self._mu:
             self._check_writable()
-            self.tree.extra[_POSITION_KEY] = {"end": self._end, "cut": self._cut}
+            steering.store_position(self.tree, self._end, self._cut)
             try:
                 path = self.store.save(self.tree)
             except StoreError as exc:
@@ -758,6 +465,25 @@ class Session:
 
     # ------------------------------------------------------------------ helpers
 
+    @contextmanager
+    def _editing(self) -> Iterator[None]:
+        """Hold the session lock for a change of the tree: refused when read-only, closed
+        or while generating."""
+        with self._mu:
+            self._check_writable()
+            self._check_idle()
+            yield
+
+    def _move(self, end: str | None, cut: str | None = None) -> None:
+        """Set the position; the next generation extends ``end`` again unless resampled."""
+        self._end, self._cut = end, cut
+        self._new_branch = False
+
+    def _changed(self) -> None:
+        """The tree changed in a way the user would mind losing: mark it and save it."""
+        self.dirty = True
+        self._save_quietly_or_raise()
+
     def _check_idle(self) -> None:
         if self._generating:
             raise SessionBusy("the model is generating; pause it first")
@@ -768,125 +494,4 @@ class Session:
         if self._closed:
             raise SessionError("the session is closed")
 
-    def _snap_to_character(self, path: list[Node], n: int) -> int:
-        """The largest k <= n such that the first k response tokens end on a whole character."""
-        dec = TextDecoder()
-        tb = self.engine.token_bytes
-        clean = 0
-        i = 0
-        for node in path:
-            for t in node.tokens:
-                if i >= n:
-                    return clean
-                dec.feed(tb(t))
-                i += 1
-                if not dec.pending():
-                    clean = i
-        return clean
 
-    def _decoder_at(self, node_id: str | None) -> TextDecoder:
-        """A text decoder that has seen every response token up to the end of ``node_id``."""
-        dec = TextDecoder()
-        tb = self.engine.token_bytes
-        for t in self.tree.path_tokens(node_id):
-            dec.feed(tb(t))
-        return dec
-
-    def _original_end(self, node_id: str) -> str:
-        """Follow a node's split tails (``split_from``) to where the model originally stopped."""
-        cur = node_id
-        while True:
-            nxt = next((c for c in self.tree.children(cur) if c.extra.get("split_from") == cur), None)
-            if nxt is None:
-                return cur
-            cur = nxt.id
-
-    def _preferred_leaf(self, node_id: str) -> str:
-        """The most recently created non-discarded leaf below ``node_id`` (or itself)."""
-        order = {n.id: i for i, n in enumerate(self.tree.nodes)}
-        gone = set(self.tree.discarded)
-        best, best_key = node_id, (self.tree.node(node_id).created_at, order[node_id])
-        stack = [node_id]
-        while stack:
-            cur = stack.pop()
-            kids = [c for c in self.tree.children(cur) if c.id not in gone]
-            if not kids:
-                key = (self.tree.node(cur).created_at, order[cur])
-                if key > best_key or best == node_id:
-                    best, best_key = cur, key
-            stack.extend(k.id for k in kids)
-        return best
-
-    def _restore_position(self) -> None:
-        """Where ``open`` continues: the saved position if valid, else the most recently
-        created non-discarded leaf that is not a branch a human replaced."""
-        saved = self.tree.extra.get(_POSITION_KEY)
-        if isinstance(saved, dict):
-            end, cut = saved.get("end"), saved.get("cut")
-            if (end is None or end in self.tree) and (cut is None or (cut in self.tree and self.tree.node(cut).parent == end)):
-                self._end, self._cut = end, cut
-                return
-        gone = set(self.tree.discarded)
-        replaced = {n.replaces for n in self.tree.nodes if n.replaces and not self.tree.is_discarded(n.id)}
-        best: str | None = None
-        best_key: tuple[str, int] | None = None
-        for i, n in enumerate(self.tree.nodes):
-            if self.tree.children(n.id):
-                continue
-            ids = {p.id for p in self.tree.path(n.id)}
-            if ids & gone or ids & replaced:
-                continue
-            key = (n.created_at, i)
-            if best_key is None or key > best_key:
-                best, best_key = n.id, key
-        self._end, self._cut = best, None
-
-
-def _r(logprob: float) -> float:
-    """Log-probs are stored to 1e-6 (float32 logits carry no more; files stay compact)."""
-    return round(float(logprob), 6)
-
-
-def _check_messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise SessionError("messages must be a non-empty list of {role, content} objects")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise SessionError(f"messages[{i}] must be an object with string 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise SessionError(f"messages[{i}].role is {m['role']!r}; expected system, user or assistant")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def _check_model(tree: SteerTree, engine: Engine, path: Path) -> str | None:
-    """Raise ModelMismatch if token ids would mean something else; return a warning text
-    if only the model file differs."""
-    m = tree.model
-    tv, ev = m.get("vocab_sha256"), engine.vocab_sha256
-    if (tv and tv != ev) or (m.get("n_vocab") not in (None, engine.n_vocab)):
-        raise ModelMismatch(
-            f"{path}: the task was written with model {m.get('name')!r} whose vocabulary differs "
-            f"from {engine.name!r} (n_vocab {m.get('n_vocab')} vs {engine.n_vocab}); its token ids "
-            f"would be meaningless. Open it with --model {m.get('path')!r}"
-        )
-    if m.get("sha256") and m.get("sha256") != engine.sha256:
-        return (
-            f"task {tree.id!r} was written with model {m.get('name')!r} (sha256 {str(m.get('sha256'))[:12]}…); "
-            f"continuing with {engine.name!r} (sha256 {engine.sha256[:12]}…), same vocabulary"
-        )
-    return None
-
-
-def _close_engine(engine: Any) -> None:
-    close = getattr(engine, "close", None)
-    if callable(close):
-        try:
-            close()
-        except Exception:  # pragma: no cover - best effort at shutdown
-            pass
-
-
-# re-exported for callers that catch errors from Session without importing the store/tree
-SessionErrors = (SessionError, StoreError, TreeError, EngineError)

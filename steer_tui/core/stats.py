@@ -1,14 +1,13 @@
 """Steer statistics of one tree: how many steers count, one row per steer (where the cut
-fell, rejected vs chosen, how likely the model already found the correction) and the
-rank of a token among recorded top-k alternatives. Pure functions over a ``SteerTree``:
-the stats screen and the status bar show them."""
+fell, rejected vs chosen, how likely the model already found the correction). Pure
+functions over a ``SteerTree``: the stats screen shows them."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
+from steer_tui.core.sampling import rank_of
 from steer_tui.core.tree import SteerTree
 
 
@@ -25,25 +24,9 @@ class SteerRow:
     discarded: bool
 
 
-def rank_of(top: Iterable[tuple[int, float]] | Iterable[list], token_id: int) -> int | None:
-    """1-based rank of ``token_id`` among top-k ``[id, logprob]`` pairs (best first); None
-    when it is not among them."""
-    for rank, (tid, _lp) in enumerate(top, start=1):
-        if int(tid) == token_id:
-            return rank
-    return None
-
-
 def rejected_text(tree: SteerTree, node_id: str) -> str:
     """The replaced node's text as the model wrote it (following later splits)."""
-    text = tree.node(node_id).text
-    cur = node_id
-    while True:
-        nxt = next((c for c in tree.children(cur) if c.extra.get("split_from") == cur), None)
-        if nxt is None:
-            return text
-        text += nxt.text
-        cur = nxt.id
+    return "".join(n.text for n in tree.split_chain(node_id))
 
 
 def count_steers(tree: SteerTree) -> int:

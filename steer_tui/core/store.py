@@ -20,6 +20,7 @@ import re
 import secrets
 import socket
 import sys
+from collections.abc import Container
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +33,8 @@ try:  # POSIX; on other platforms locking degrades to "no lock" with a warning i
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-MAX_TREE_BYTES = int(os.environ.get("STEER_MAX_TREE_MB", "64")) * 1024 * 1024
+#: Largest task file loaded, in MiB, unless ``$STEER_MAX_TREE_MB`` says otherwise.
+DEFAULT_MAX_TREE_MB = 64
 _TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -46,6 +48,15 @@ class TaskLocked(StoreError):
     def __init__(self, message: str, holder: dict[str, Any]) -> None:
         super().__init__(message)
         self.holder = holder
+
+
+def max_tree_bytes() -> int:
+    """The size limit for a task file: ``$STEER_MAX_TREE_MB`` (read now) or the default, in bytes."""
+    raw = os.environ.get("STEER_MAX_TREE_MB") or str(DEFAULT_MAX_TREE_MB)
+    try:
+        return int(raw) * 1024 * 1024
+    except ValueError:
+        raise StoreError(f"$STEER_MAX_TREE_MB is {raw!r}; expected a whole number of MiB") from None
 
 
 def default_store_dir() -> Path:
@@ -67,6 +78,20 @@ def check_task_id(task_id: str) -> str:
     return task_id
 
 
+def unique_task_id(task_id: str, taken: Container[str]) -> str:
+    """``task_id`` if it is not ``taken``, else the first free ``<id>.<k>`` for k = 2, 3, ...
+
+    Two annotators' stores can hold the same task id (a shared ``--tasks`` queue); where
+    their trees meet (export, training data) later ones are renamed with this, so that
+    (task id, node id) stays a unique key."""
+    if task_id not in taken:
+        return task_id
+    k = 2
+    while f"{task_id}.{k}" in taken:
+        k += 1
+    return f"{task_id}.{k}"
+
+
 def slugify(title: str, max_len: int = 40) -> str:
     """A file-name-safe slug of ``title`` (ASCII letters/digits and '-'), maybe empty."""
     s = re.sub(r"[^a-z0-9]+", "-", title.lower().encode("ascii", "ignore").decode("ascii"))
@@ -86,9 +111,10 @@ def load_tree(path: str | os.PathLike[str]) -> SteerTree:
         raise StoreError(f"{p}: no such task file") from None
     except OSError as exc:
         raise StoreError(f"{p}: cannot read: {exc.strerror or exc}") from None
-    if size > MAX_TREE_BYTES:
+    limit = max_tree_bytes()
+    if size > limit:
         raise StoreError(
-            f"{p}: file is {size / 2**20:.0f} MiB, over the {MAX_TREE_BYTES // 2**20} MiB limit for a "
+            f"{p}: file is {size / 2**20:.0f} MiB, over the {limit // 2**20} MiB limit for a "
             f"task file (set STEER_MAX_TREE_MB to raise it)"
         )
     try:
@@ -248,7 +274,7 @@ class TaskLock:
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
             self.release()
-        except Exception:
+        except (OSError, AttributeError, TypeError):  # closed fd; modules torn down at exit
             pass
 
 

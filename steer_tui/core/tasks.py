@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: The roles a chat message may have (queue lines and ``Session.create(messages=…)``).
 ROLES = ("system", "user", "assistant")
+#: A title made from a prompt keeps at most this many characters.
+TITLE_MAX_CHARS = 60
 
 
 class TaskQueueError(ValueError):
@@ -39,7 +42,7 @@ class TaskSpec:
             (m["content"] for m in reversed(self.messages or []) if m["role"] == "user"), ""
         )
         first = " ".join(text.split())
-        return first[:60] + ("…" if len(first) > 60 else "")
+        return first[:TITLE_MAX_CHARS] + ("…" if len(first) > TITLE_MAX_CHARS else "")
 
 
 def queue_task_id(spec_id: str | None, annotator: str | None) -> str | None:

@@ -19,13 +19,14 @@ __all__ = ["TextDecoder", "pieces"]
 
 
 class TextDecoder:
-    """Feed token bytes, get text pieces. ``state()``/``from_state`` let a caller resume
-    decoding after a known prefix (e.g. the end of a parent node) without re-decoding it."""
+    """Feed token bytes, get text pieces. To continue after a known prefix (e.g. the end of
+    a parent node), feed the prefix's bytes first (``token_view.decoder_at`` does that)."""
 
     def __init__(self) -> None:
         self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, data: bytes) -> str:
+        """The text completed by ``data`` (an incomplete trailing character is held back)."""
         return self._dec.decode(data, final=False)
 
     def pending(self) -> bytes:
@@ -33,12 +34,8 @@ class TextDecoder:
         return self._dec.getstate()[0]
 
     def flush(self) -> str:
+        """End of input: an incomplete character held back becomes U+FFFD."""
         return self._dec.decode(b"", final=True)
-
-    def copy(self) -> TextDecoder:
-        other = TextDecoder()
-        other._dec.setstate(self._dec.getstate())
-        return other
 
 
 def pieces(token_bytes: Callable[[int], bytes], tokens: Iterable[int], decoder: TextDecoder | None = None) -> list[str]:

@@ -1,72 +1,25 @@
-"""The steer tree: format ``steer-tree`` version 1 (see docs/format.md).
+"""The steer tree model: nodes, paths, steers, splits, and the (de)serialisation of format
+``steer-tree`` version 1 (see docs/format.md).
 
 Pure data and pure Python: no engine, no I/O. Token ids are the truth; ``text`` is derived
-by whoever created the node (the Session, from the engine's detokenizer).
-
-Loading validates every invariant of the format and raises :class:`TreeError` naming the
-file, the node and the rule that was broken.
+by whoever created the node (the Session, from the engine's detokenizer). Loading checks
+every invariant of the format first (``tree_format.check_tree``), which raises
+:class:`TreeError` naming the file, the node and the rule that was broken.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any
 
-FORMAT = "steer-tree"
-VERSION = 1
+from steer_tui.core.tree_format import FORMAT, NODE_KEYS, TREE_KEYS, VERSION, TreeError, check_tree
 
-AUTHORS = ("model", "human")
-KINDS = {"model": ("generated",), "human": ("correction", "pick", "append")}
-ENDS = ("eos", "length", "context", "paused", "cut")
-
-_NODE_KEYS = (
-    "id",
-    "parent",
-    "author",
-    "kind",
-    "tokens",
-    "text",
-    "logprobs",
-    "top",
-    "end",
-    "replaces",
-    "annotator",
-    "adapter",
-    "created_at",
-)
-_TREE_KEYS = (
-    "format",
-    "version",
-    "id",
-    "title",
-    "created_at",
-    "updated_at",
-    "model",
-    "prompt",
-    "sampling",
-    "nodes",
-    "accepted",
-    "discarded",
-)
-
+__all__ = ["Node", "Steer", "SteerTree", "TreeError", "new_tree", "utcnow"]
 
 def utcnow() -> str:
     """Current UTC time as ISO 8601 with a ``Z`` suffix (second precision)."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class TreeError(ValueError):
-    """A steer tree breaks a rule of the format. ``str()`` names file, node and rule."""
-
-    def __init__(self, message: str, *, file: str = "<memory>", node: str | None = None, rule: str = "") -> None:
-        self.file = file
-        self.node = node
-        self.rule = rule
-        self.message = message
-        where = f"{file}: node {node!r}" if node is not None else file
-        super().__init__(f"{where}: {rule + ': ' if rule else ''}{message}")
 
 
 @dataclass
@@ -125,6 +78,28 @@ class Node:
         d["created_at"] = self.created_at
         d.update(self.extra)
         return d
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Node:
+        """Build from a node object that ``check_tree`` accepted (unknown keys go to ``extra``)."""
+        author = raw["author"]
+        logprobs, top, created = raw.get("logprobs"), raw.get("top"), raw.get("created_at", "")
+        return cls(
+            id=raw["id"],
+            parent=raw.get("parent"),
+            author=author,
+            kind=raw["kind"],
+            tokens=list(raw["tokens"]),
+            text=raw.get("text", ""),
+            logprobs=list(logprobs) if logprobs is not None else None,
+            top=list(top) if top is not None else None,
+            end=raw.get("end") if author == "model" else None,
+            replaces=raw.get("replaces") if author == "human" else None,
+            annotator=raw.get("annotator"),
+            adapter=raw.get("adapter"),
+            created_at=created if isinstance(created, str) else "",
+            extra={k: v for k, v in raw.items() if k not in NODE_KEYS},
+        )
 
 
 @dataclass
@@ -210,12 +185,6 @@ class SteerTree:
             toks.extend(n.tokens)
         return toks
 
-    def depth_of(self, node_id: str | None) -> int:
-        """Number of response tokens before ``node_id`` starts."""
-        if node_id is None:
-            return 0
-        return sum(len(n.tokens) for n in self.path(self.node(node_id).parent))
-
     def leaves(self) -> list[Node]:
         return [n for n in self.nodes if not self._children.get(n.id)]
 
@@ -263,17 +232,54 @@ class SteerTree:
             out.append(Steer(n, list(prefix_of[key]), list(n.tokens), self.original_tokens(replaced.id), replaced))
         return out
 
-    def original_tokens(self, node_id: str) -> list[int]:
-        """Tokens of a node as the model first wrote them: later rollbacks split a node into
-        a head and tail parts (``extra["split_from"]``); this follows that chain back together."""
-        toks = list(self.node(node_id).tokens)
-        cur = node_id
+    def split_chain(self, node_id: str) -> list[Node]:
+        """The node and the tails later rollbacks split from it (``extra["split_from"]``), in
+        order: together they are the node as first written; the last one is where it ended."""
+        chain = [self.node(node_id)]
         while True:
+            cur = chain[-1].id
             nxt = next((c for c in self._children.get(cur, ()) if c.extra.get("split_from") == cur), None)
             if nxt is None:
-                return toks
-            toks.extend(nxt.tokens)
-            cur = nxt.id
+                return chain
+            chain.append(nxt)
+
+    def original_tokens(self, node_id: str) -> list[int]:
+        """Tokens of a node as the model first wrote them (its ``split_chain`` joined)."""
+        return [t for n in self.split_chain(node_id) for t in n.tokens]
+
+    def latest_leaf(self, node_id: str) -> str:
+        """The most recently created non-discarded leaf below ``node_id`` (or itself)."""
+        order = {n.id: i for i, n in enumerate(self.nodes)}
+        gone = set(self.discarded)
+        best, best_key = node_id, (self.node(node_id).created_at, order[node_id])
+        stack = [node_id]
+        while stack:
+            cur = stack.pop()
+            kids = [c for c in self.children(cur) if c.id not in gone]
+            if not kids:
+                key = (self.node(cur).created_at, order[cur])
+                if key > best_key or best == node_id:
+                    best, best_key = cur, key
+            stack.extend(k.id for k in kids)
+        return best
+
+    def latest_live_leaf(self) -> str | None:
+        """The most recently created leaf whose path has no discarded node and no branch a
+        live human node replaced (None for a tree without nodes)."""
+        gone = set(self.discarded)
+        replaced = {n.replaces for n in self.nodes if n.replaces and not self.is_discarded(n.id)}
+        best: str | None = None
+        best_key: tuple[str, int] | None = None
+        for i, n in enumerate(self.nodes):
+            if self.children(n.id):
+                continue
+            ids = {p.id for p in self.path(n.id)}
+            if ids & gone or ids & replaced:
+                continue
+            key = (n.created_at, i)
+            if best_key is None or key > best_key:
+                best, best_key = n.id, key
+        return best
 
     # -- mutation -------------------------------------------------------------------------
     def new_id(self) -> str:
@@ -285,6 +291,14 @@ class SteerTree:
 
     def touch(self) -> None:
         self.updated_at = utcnow()
+
+    def set_discarded(self, node_id: str, discarded: bool) -> None:
+        """Add ``node_id`` to ``discarded`` (undone) or take it out again (redone)."""
+        if discarded and node_id not in self.discarded:
+            self.discarded.append(node_id)
+        elif not discarded and node_id in self.discarded:
+            self.discarded.remove(node_id)
+        self.touch()
 
     def add(self, node: Node) -> Node:
         """Append a node (its parent must exist). Fills ``created_at`` if empty."""
@@ -386,12 +400,25 @@ class SteerTree:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<memory>") -> SteerTree:
-        """Build and validate a tree; raises TreeError naming ``source``, node and rule."""
-        return _parse_tree(data, source)
+        """Check and build a tree; raises TreeError naming ``source``, node and rule."""
+        check_tree(data, source)
+        return cls(
+            id=data["id"],
+            title=data["title"],
+            created_at=str(data.get("created_at", "")),
+            updated_at=str(data.get("updated_at", "")),
+            model=dict(data["model"]),
+            prompt=dict(data["prompt"]),
+            sampling=dict(data["sampling"]),
+            nodes=[Node.from_dict(raw) for raw in data.get("nodes", [])],
+            accepted=list(data.get("accepted", [])),
+            discarded=list(data.get("discarded", [])),
+            extra={k: v for k, v in data.items() if k not in TREE_KEYS},
+        )
 
     def validate(self, source: str | None = None) -> None:
         """Re-check every invariant (e.g. before saving)."""
-        _parse_tree(self.to_dict(), source or self.id)
+        check_tree(self.to_dict(), source or self.id)
 
 
 def new_tree(
@@ -414,213 +441,7 @@ def new_tree(
     )
 
 
-# ---------------------------------------------------------------------------------------
-# validation
-
-
 def _id_number(node_id: str) -> int:
     if node_id.startswith("n") and node_id[1:].isdigit():
         return int(node_id[1:])
     return 0
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x: Any) -> bool:
-    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and not (
-        isinstance(x, float) and math.isnan(x)
-    )
-
-
-_INT_TYPES = frozenset({int})
-_NUM_TYPES = frozenset({int, float})
-_LIST_TYPE = frozenset({list})
-
-
-def _numbers(xs: Any) -> bool:
-    """A list of JSON numbers (no bools, no NaN)."""
-    return isinstance(xs, list) and set(map(type, xs)) <= _NUM_TYPES and not any(map(math.isnan, xs))
-
-
-def _parse_tree(data: Any, source: str) -> SteerTree:
-    def fail(message: str, rule: str, node: str | None = None) -> TreeError:
-        return TreeError(message, file=source, node=node, rule=rule)
-
-    if not isinstance(data, dict):
-        raise fail(f"expected a JSON object, got {type(data).__name__}", "top level")
-    fmt = data.get("format")
-    if fmt != FORMAT:
-        raise fail(f"format is {fmt!r}, expected {FORMAT!r}", "format")
-    version = data.get("version")
-    if not _is_int(version):
-        raise fail(f"version is {version!r}, expected an integer", "version")
-    if version > VERSION:
-        raise fail(
-            f"version {version} is newer than this steer understands (max {VERSION}); upgrade steer",
-            "version",
-        )
-    if version < 1:
-        raise fail(f"version {version} is not a valid steer-tree version", "version")
-    # version 1 is the only one so far; a future v2 loader migrates older dicts here.
-
-    for key, typ in (("id", str), ("title", str), ("model", dict), ("prompt", dict), ("sampling", dict)):
-        if not isinstance(data.get(key), typ):
-            raise fail(f"field {key!r} must be a {typ.__name__}", "required field")
-    for key in ("nodes", "accepted", "discarded"):
-        if not isinstance(data.get(key, []), list):
-            raise fail(f"field {key!r} must be a list", "required field")
-
-    model = data["model"]
-    n_vocab = model.get("n_vocab")
-    if n_vocab is not None and (not _is_int(n_vocab) or n_vocab <= 0):
-        raise fail(f"model.n_vocab is {n_vocab!r}, expected a positive integer", "model.n_vocab")
-
-    # Checks run per element over tens of thousands of ids on a long task, so they use
-    # C-level passes (map/min/max) and look for the offending element only on failure.
-    def check_ids(ids: Any, where: str, node: str | None) -> list[int]:
-        if not isinstance(ids, list) or not set(map(type, ids)) <= _INT_TYPES:
-            raise fail(f"{where} must be a list of integer token ids", "token ids", node)
-        if ids and (min(ids) < 0 or (n_vocab is not None and max(ids) >= n_vocab)):
-            t = next(t for t in ids if t < 0 or (n_vocab is not None and t >= n_vocab))
-            raise fail(f"{where} has token id {t} outside the vocabulary (n_vocab={n_vocab})", "token id < n_vocab", node)
-        return ids
-
-    adapter0 = model.get("adapter")
-    if adapter0 is not None and not isinstance(adapter0, dict):
-        raise fail(f"model.adapter is {adapter0!r}, expected an object or null", "model.adapter")
-    prompt = data["prompt"]
-    check_ids(prompt.get("tokens", []), "prompt.tokens", None)
-    if not isinstance(prompt.get("text", ""), str):
-        raise fail("prompt.text must be a string", "prompt.text")
-
-    nodes: list[Node] = []
-    seen: dict[str, Node] = {}
-    raw_nodes = data.get("nodes", [])
-    for i, raw in enumerate(raw_nodes):
-        if not isinstance(raw, dict):
-            raise fail(f"nodes[{i}] is not an object", "node object")
-        nid = raw.get("id")
-        if not isinstance(nid, str) or not nid:
-            raise fail(f"nodes[{i}] has no string id", "node id")
-        if nid in seen:
-            raise fail("the id is used by more than one node", "unique ids", nid)
-        author = raw.get("author")
-        if author not in AUTHORS:
-            raise fail(f"author is {author!r}, expected one of {AUTHORS}", "author", nid)
-        kind = raw.get("kind")
-        if kind not in KINDS[author]:
-            raise fail(f"kind {kind!r} is not valid for a {author} node (expected {KINDS[author]})", "kind", nid)
-        parent = raw.get("parent")
-        if parent is not None and not isinstance(parent, str):
-            raise fail(f"parent must be a node id or null, got {parent!r}", "parent exists", nid)
-        tokens = check_ids(raw.get("tokens"), "tokens", nid)
-        text = raw.get("text", "")
-        if not isinstance(text, str):
-            raise fail("text must be a string", "text", nid)
-        logprobs = raw.get("logprobs")
-        if logprobs is not None:
-            if not _numbers(logprobs):
-                raise fail("logprobs must be a list of numbers", "logprobs", nid)
-            if len(logprobs) != len(tokens):
-                raise fail(
-                    f"has {len(logprobs)} logprobs for {len(tokens)} tokens",
-                    "len(logprobs) == len(tokens)",
-                    nid,
-                )
-        top = raw.get("top")
-        if top is not None:
-            if not isinstance(top, list) or len(top) != len(tokens):
-                raise fail("top must have one list of alternatives per token", "len(top) == len(tokens)", nid)
-            if not set(map(type, top)) <= _LIST_TYPE:
-                raise fail("top[i] must be a list of [id, logprob] pairs", "top", nid)
-            pairs = [pair for step in top for pair in step]
-            if pairs and (not set(map(type, pairs)) <= _LIST_TYPE or set(map(len, pairs)) != {2}
-                          or not _numbers([p[1] for p in pairs])):
-                bad = next((p for p in pairs if not (type(p) is list and len(p) == 2 and _is_num(p[1]))), pairs[0])
-                raise fail(f"top entry {bad!r} is not [id, logprob]", "top", nid)
-            check_ids([p[0] for p in pairs], "top", nid)
-        end = raw.get("end")
-        if author == "model" and end is not None and end not in ENDS:
-            raise fail(f"end is {end!r}, expected one of {ENDS}", "end", nid)
-        replaces = raw.get("replaces")
-        if replaces is not None and not isinstance(replaces, str):
-            raise fail("replaces must be a node id or null", "replaces names a model sibling", nid)
-        if author == "model" and replaces is not None:
-            raise fail("model nodes cannot replace anything", "replaces names a model sibling", nid)
-        adapter = raw.get("adapter")
-        if adapter is not None and not isinstance(adapter, dict):
-            raise fail("adapter must be an object or null", "adapter", nid)
-        annotator = raw.get("annotator")
-        if annotator is not None and not isinstance(annotator, str):
-            raise fail("annotator must be a string", "annotator", nid)
-        created = raw.get("created_at", "")
-        extra = {k: v for k, v in raw.items() if k not in _NODE_KEYS}
-        node = Node(
-            id=nid,
-            parent=parent,
-            author=author,
-            kind=kind,
-            tokens=list(tokens),
-            text=text,
-            logprobs=list(logprobs) if logprobs is not None else None,
-            top=list(top) if top is not None else None,
-            end=end if author == "model" else None,
-            replaces=replaces if author == "human" else None,
-            annotator=annotator,
-            adapter=adapter,
-            created_at=created if isinstance(created, str) else "",
-            extra=extra,
-        )
-        seen[nid] = node
-        nodes.append(node)
-
-    for n in nodes:
-        if n.parent is not None and n.parent not in seen:
-            raise fail(f"parent {n.parent!r} does not exist", "parent exists", n.id)
-    _check_acyclic(nodes, seen, fail)
-    for n in nodes:
-        if n.replaces is not None:
-            rep = seen.get(n.replaces)
-            if rep is None:
-                raise fail(f"replaces {n.replaces!r}, which does not exist", "replaces names a model sibling", n.id)
-            if rep.author != "model":
-                raise fail(f"replaces {n.replaces!r}, which is a human node", "replaces names a model sibling", n.id)
-            if rep.parent != n.parent:
-                raise fail(f"replaces {n.replaces!r}, which is not its sibling", "replaces names a model sibling", n.id)
-
-    for key in ("accepted", "discarded"):
-        for ref in data.get(key, []):
-            if not isinstance(ref, str) or ref not in seen:
-                raise fail(f"{key} names {ref!r}, which is not a node", f"{key} ids exist")
-
-    extra = {k: v for k, v in data.items() if k not in _TREE_KEYS}
-    return SteerTree(
-        id=data["id"],
-        title=data["title"],
-        created_at=str(data.get("created_at", "")),
-        updated_at=str(data.get("updated_at", "")),
-        model=dict(model),
-        prompt=dict(prompt),
-        sampling=dict(data["sampling"]),
-        nodes=nodes,
-        accepted=list(data.get("accepted", [])),
-        discarded=list(data.get("discarded", [])),
-        extra=extra,
-    )
-
-
-def _check_acyclic(nodes: Iterable[Node], by_id: dict[str, Node], fail) -> None:
-    state: dict[str, int] = {}  # 1 = on the current walk, 2 = known to reach a root
-    for start in nodes:
-        walk = []
-        cur: str | None = start.id
-        while cur is not None and state.get(cur) != 2:
-            if state.get(cur) == 1:
-                raise fail("the parent chain loops back to this node", "no cycles", cur)
-            state[cur] = 1
-            walk.append(cur)
-            cur = by_id[cur].parent
-        for w in walk:
-            state[w] = 2

@@ -29,11 +29,11 @@ from typing import Any
 
 import platformdirs
 
+from steer_tui.core.llama_load import SETTINGS
 from steer_tui.ui.keys import KEY_IDS
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "max_tokens")
 _TOP_LEVEL = {"annotator", "prob_colors", "top_k", "keymap", "sampling", "extra_bufts"}
-EXTRA_BUFTS = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -54,7 +54,7 @@ class UIConfig:
     """How many alternatives the alternatives popup lists (at most what was captured)."""
     extra_bufts: str | None = None
     """llama.cpp extra buffer types: "auto" (probe once per CPU), "on" or "off"; None = not set
-    here (``--extra-bufts`` and ``$STEER_EXTRA_BUFTS`` win over it)."""
+    here (``--extra-bufts`` and ``$STEER_SETTINGS`` win over it)."""
     path: Path | None = None
     """The file this config was read from (None: defaults)."""
 
@@ -130,8 +130,8 @@ def apply_config_dict(cfg: UIConfig, data: dict[str, Any], *, source: str = "<co
             raise bad("prob_colors", "must be true or false")
         cfg.prob_colors = data["prob_colors"]
     if "extra_bufts" in data:
-        if data["extra_bufts"] not in EXTRA_BUFTS:
-            raise bad("extra_bufts", f"must be one of {', '.join(repr(v) for v in EXTRA_BUFTS)}")
+        if data["extra_bufts"] not in SETTINGS:
+            raise bad("extra_bufts", f"must be one of {', '.join(repr(v) for v in SETTINGS)}")
         cfg.extra_bufts = data["extra_bufts"]
     if "top_k" in data:
         v = data["top_k"]

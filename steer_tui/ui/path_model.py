@@ -13,7 +13,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
-from steer_tui.core.session import TokenInfo
+from steer_tui.core.token_view import TokenInfo
 from steer_tui.core.stats import rejected_text
 from steer_tui.core.text import TextDecoder
 from steer_tui.core.text import pieces as text_pieces
@@ -57,18 +57,7 @@ class PathView:
     def token_info(self, index: int, text: str) -> TokenInfo:
         """Response token ``index`` (whose drawn piece is ``text``), read from its node."""
         node, off = self.locate(index)
-        top = [(int(t), float(lp)) for t, lp in node.top[off]] if node.top is not None else None
-        return TokenInfo(
-            index=index,
-            node_id=node.id,
-            offset=off,
-            id=node.tokens[off],
-            text=text,
-            logprob=node.logprobs[off] if node.logprobs is not None else None,
-            top=top,
-            author=node.author,
-            kind=node.kind,
-        )
+        return TokenInfo.at(node, off, index, text)
 
 
 def path_view(session: Any) -> PathView:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from steer_tui.core.models import ModelNotFound
-from steer_tui.core.session import SessionErrors
+from steer_tui.core.session_errors import SessionErrors
 from steer_tui.core.store import Store
 
 # what opening or creating a task may fail with: shown to the user, the app stays usable

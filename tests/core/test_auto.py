@@ -15,10 +15,9 @@ from steer_tui.core.auto import (
     find_hit,
     load_rules,
     parse_rules,
-    run_auto,
-    steer_sample,
     token_at,
 )
+from steer_tui.core.auto_run import run_auto, steer_sample
 from steer_tui.core.fake_engine import FakeEngine
 from steer_tui.core.session import Session
 from steer_tui.core.store import Store

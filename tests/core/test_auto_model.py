@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from steer_tui.core.auto import Rule, run_auto, steer_sample
+from steer_tui.core.auto import Rule
+from steer_tui.core.auto_run import run_auto, steer_sample
 from steer_tui.core.engine import open_engine
 from steer_tui.core.session import Session
 from steer_tui.core.store import Store

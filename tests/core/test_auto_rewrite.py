@@ -14,10 +14,9 @@ from steer_tui.core.auto import (
     banned_tokens,
     parse_rules,
     scope_start,
-    steer_sample,
-    write_rewrite,
 )
-from steer_tui.core.engine import Sampling
+from steer_tui.core.auto_run import steer_sample, write_rewrite
+from steer_tui.core.sampling import Sampling
 from steer_tui.core.fake_engine import EOS, FakeEngine
 from steer_tui.core.session import Session
 

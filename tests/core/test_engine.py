@@ -8,7 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from steer_tui.core.engine import EngineError, Sampling, open_engine
+from steer_tui.core.engine import open_engine
+from steer_tui.core.errors import EngineError
+from steer_tui.core.sampling import Sampling
 
 GREEDY = Sampling(temperature=0.0)
 PROMPT_MESSAGES = [{"role": "user", "content": "Give four examples of fruit."}]

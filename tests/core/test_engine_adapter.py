@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from steer_tui.core.engine import EngineError, Sampling, open_engine
+from steer_tui.core.engine import open_engine
+from steer_tui.core.errors import EngineError
+from steer_tui.core.sampling import Sampling
 
 gguf = pytest.importorskip("gguf")
 

@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from steer_tui.core.engine import Engine, EngineError, Sampling, logsumexp, sample_token, top_k_of
+from steer_tui.core.engine_base import Engine
+from steer_tui.core.errors import EngineError
+from steer_tui.core.sampling import Sampling, logsumexp, rank_of, sample_token, top_k_of
 from steer_tui.core.fake_engine import EOS, FakeEngine
 from steer_tui.core.text import TextDecoder, pieces
 
@@ -52,6 +54,12 @@ def test_sampling_roundtrip_and_defaults():
 def test_sampling_rejects_bad_values_naming_the_field(data, field):
     with pytest.raises(EngineError, match=field):
         Sampling.from_dict(data)
+
+
+def test_rank_of_is_one_based_and_none_when_missing():
+    top = [[7, -0.1], [3, -1.0], [9, -2.0]]
+    assert [rank_of(top, t) for t in (7, 3, 9, 4)] == [1, 2, 3, None]
+    assert rank_of(None, 7) is None and rank_of([], 7) is None
 
 
 def test_sample_token_filters():

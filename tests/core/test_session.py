@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from steer_tui import Session
 from steer_tui.core.fake_engine import EOS, FakeEngine
-from steer_tui.core.session import (
+from steer_tui.core.session_errors import (
     ModelMismatch,
     ModelMismatchWarning,
     SaveError,

@@ -8,7 +8,7 @@ import pytest
 
 from steer_tui import Session
 from steer_tui.core.engine import open_engine
-from steer_tui.core.session import SessionError
+from steer_tui.core.session_errors import SessionError
 from steer_tui.core.store import TaskLocked, load_tree
 
 GREEDY = {"temperature": 0, "seed": 1}
@@ -57,7 +57,7 @@ def test_regenerating_after_rollback_matches_a_cold_engine(store_dir, engine, mo
         context = s.prompt_tokens + first[:5]
     cold = open_engine(model_path, n_ctx=1024)
     try:
-        from steer_tui.core.engine import Sampling
+        from steer_tui.core.sampling import Sampling
 
         assert [x.id for x in cold.generate(context, Sampling(temperature=0), max_tokens=6)] == again
     finally:
@@ -85,7 +85,7 @@ def test_reopen_with_the_real_model(store_dir, engine):
 
 
 def test_default_model_and_bad_model_path(store_dir, tmp_path):
-    from steer_tui.core.engine import EngineError
+    from steer_tui.core.errors import EngineError
 
     with Session.create(store=store_dir, prompt="Hi", sampling=GREEDY) as s:  # model=None: bundled
         assert s.tree.model["name"] == "SmolLM2-135M-Instruct.Q4_1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from steer_tui.core.fake_engine import FakeEngine
 from steer_tui.core.session import Session
-from steer_tui.core.stats import count_steers, rank_of, rejected_text, steer_rows
+from steer_tui.core.stats import count_steers, rejected_text, steer_rows
 
 
 def test_steer_rows_and_count_match_the_tree(tmp_path):
@@ -28,6 +28,3 @@ def test_steer_rows_and_count_match_the_tree(tmp_path):
             assert rejected_text(tree, st.replaced.id) == s.engine.detokenize(st.rejected)
 
 
-def test_rank_of():
-    top = [[7, -0.1], [3, -1.0], [9, -2.0]]
-    assert [rank_of(top, t) for t in (7, 3, 9, 4)] == [1, 2, 3, None]

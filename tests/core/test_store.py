@@ -88,13 +88,40 @@ def test_truncated_file_is_a_clear_error(tmp_path):
 
 
 def test_huge_file_refused_before_reading(tmp_path, monkeypatch):
-    import steer_tui.core.store as store_mod
-
-    monkeypatch.setattr(store_mod, "MAX_TREE_BYTES", 1024)
     p = tmp_path / "huge.json"
-    p.write_bytes(b" " * 4096)
-    with pytest.raises(StoreError, match="over the 0 MiB limit|over the .* limit"):
+    with open(p, "wb") as fh:  # 3 MiB, sparse
+        fh.truncate(3 << 20)
+    monkeypatch.setenv("STEER_MAX_TREE_MB", "2")  # read when a file is loaded, not at import
+    with pytest.raises(StoreError, match="file is 3 MiB, over the 2 MiB limit"):
         load_tree(p)
+    monkeypatch.setenv("STEER_MAX_TREE_MB", "4")
+    with pytest.raises(StoreError, match="not valid JSON"):  # past the size check
+        load_tree(p)
+
+
+def test_unique_task_id_takes_the_first_free_suffix():
+    from steer_tui.core.store import unique_task_id
+
+    assert unique_task_id("a", set()) == "a"
+    assert unique_task_id("a", {"a"}) == "a.2"
+    assert unique_task_id("a", {"a", "a.2", "a.3"}) == "a.4"
+    assert unique_task_id("a", {"a", "a.3"}) == "a.2"
+
+
+def test_export_renames_a_repeated_task_id_past_a_real_one(tmp_path):
+    """Two annotators' stores with task "t", and a third store holding a real task "t.2":
+    every exported row keeps a unique (task_id, steer_id) key."""
+    from steer_tui.core.export import export
+    from steer_tui.core.tree import Node, new_tree
+
+    for i, tid in enumerate(["t", "t.2", "t"]):
+        tree = new_tree(task_id=tid, title="x", model={"n_vocab": 10}, prompt={"text": "p", "tokens": [1]}, sampling={})
+        tree.add(Node(id="n1", parent=None, author="human", kind="append", tokens=[2], text="b"))
+        tree.accepted.append("n1")
+        save_tree(tree, tmp_path / f"s{i}" / f"{tid}.json")
+    report = export("sft", [tmp_path / f"s{i}" for i in range(3)], tmp_path / "out.jsonl")
+    ids = [json.loads(line)["task_id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert report.rows == 3 and sorted(ids) == ["t", "t.2", "t.3"]
 
 
 def test_missing_file(tmp_path):

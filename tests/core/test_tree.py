@@ -71,6 +71,18 @@ def test_split_keeps_head_id_and_moves_children():
     assert again.to_dict() == t.to_dict()
 
 
+def test_split_chain_is_the_node_as_first_written():
+    t = make_tree()
+    a = model_node(t, None, [10, 11, 12, 13, 14], end="eos")
+    mid = t.split(a.id, 1, "k", "lmno")
+    last = t.split(mid.id, 2, "lm", "no")
+    model_node(t, a.id, [40])  # a sibling branch at the head is not part of the chain
+    assert [n.id for n in t.split_chain(a.id)] == [a.id, mid.id, last.id]
+    assert [n.id for n in t.split_chain(mid.id)] == [mid.id, last.id]
+    assert t.original_tokens(a.id) == [10, 11, 12, 13, 14]
+    assert t.split_chain(a.id)[-1].end == "eos"
+
+
 def test_split_rejects_boundaries():
     t = make_tree()
     a = model_node(t, None, [10, 11])

@@ -96,7 +96,7 @@ def unsafe_saves() -> None:
 
 def session_step(s, rng: random.Random) -> None:
     """One random steering action on a headless Session."""
-    from steer_tui.core.session import SessionError
+    from steer_tui.core.session_errors import SessionError
 
     try:
         n = len(s.response_tokens)

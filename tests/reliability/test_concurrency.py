@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from steer_tui.core.fake_engine import FakeEngine
-from steer_tui.core.session import Session, SessionError, TaskLocked
+from steer_tui.core.session import Session
+from steer_tui.core.session_errors import SessionError
+from steer_tui.core.store import TaskLocked
 from steer_tui.core.store import Store, load_tree
 
 from .conftest import REPO, build_session, run_cli

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from steer_tui.core.session import SaveError
+from steer_tui.core.session_errors import SaveError
 from steer_tui.core.store import load_tree
 
 from .conftest import build_session

@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis): the tree loader and Session operation sequences.
 
 Only the project's own errors may escape: TreeError/StoreError from the loader, the
-SessionError family (``steer_tui.core.session.SessionErrors``) from a Session. Whatever the
+SessionError family (``steer_tui.core.session_errors.SessionErrors``) from a Session. Whatever the
 loader accepts, everything downstream (show, list, export rows, steers) handles it.
 ``STEER_FUZZ_EXAMPLES`` scales the number of examples (default 100).
 """
@@ -20,7 +20,8 @@ from steer_tui.core.export import dpo_rows, kto_rows, sft_rows
 from steer_tui.core.fake_engine import FakeEngine
 from steer_tui.core.render import render_tree
 from steer_tui.core.safe_text import is_inert
-from steer_tui.core.session import Session, SessionErrors
+from steer_tui.core.session import Session
+from steer_tui.core.session_errors import SessionErrors
 from steer_tui.core.store import Store, StoreError, dumps_tree, load_tree
 from steer_tui.core.tree import SteerTree, TreeError
 

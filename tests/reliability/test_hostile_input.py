@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from steer_tui.core.fake_engine import FakeEngine
-from steer_tui.core.session import ModelMismatch, ModelMismatchWarning, Session, SessionError
+from steer_tui.core.session import Session
+from steer_tui.core.session_errors import ModelMismatch, ModelMismatchWarning, SessionError
 from steer_tui.core.store import Store, StoreError, load_tree
 from steer_tui.core.tree import TreeError
 
@@ -269,7 +270,8 @@ def test_non_gguf_and_truncated_gguf_model(tmp_path, model_path):
         assert_user_error(proc, str(bad))
     for bad in (txt, tmp_path / "missing.gguf"):
         assert_user_error(run_cli("session", "--model", str(bad), "--store", str(tmp_path / "s")), str(bad))
-    from steer_tui.core.engine import EngineError, open_engine
+    from steer_tui.core.engine import open_engine
+    from steer_tui.core.errors import EngineError
 
     with pytest.raises(EngineError, match=str(trunc)):
         open_engine(trunc, n_ctx=64)

@@ -163,7 +163,8 @@ async def test_real_model_quit_mid_stream_saves_and_releases(real_engine, tmp_pa
 async def test_b_toggles_the_adapter_for_the_next_continuation(tmp_path, model_path):
     """b switches the loaded LoRA off and on: the status line says which, and each new model
     node records whether the adapter wrote it. Without an adapter, b says there is none."""
-    from steer_tui.core.engine import Sampling, open_engine
+    from steer_tui.core.engine import open_engine
+    from steer_tui.core.sampling import Sampling
     from tests.core.test_engine_adapter import write_lora
 
     lora = write_lora(tmp_path / "tiny-lora.gguf")

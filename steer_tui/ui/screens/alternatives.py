@@ -16,7 +16,7 @@ from textual.screen import ModalScreen
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from steer_tui.core.engine import EngineError
+from steer_tui.core.errors import EngineError
 from steer_tui.ui.render import one_line
 
 

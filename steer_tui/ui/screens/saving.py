@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from textual.timer import Timer
 
-from steer_tui.core.session import SaveError
+from steer_tui.core.session_errors import SaveError
 from steer_tui.ui.screens.jobs import JobQueue
 
 SAVE_RETRY_SECONDS = 5.0  # a failed save is tried again this long after, until it succeeds

@@ -17,7 +17,8 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.widgets import Footer, Static
 
-from steer_tui.core.session import SaveError, TokenInfo
+from steer_tui.core.session_errors import SaveError
+from steer_tui.core.token_view import TokenInfo
 from steer_tui.core.stats import count_steers
 from steer_tui.ui.keys import SESSION_KEYS, bindings
 from steer_tui.ui.path_model import PathView, Piece, last_end, path_view, sibling_branch, steer_point

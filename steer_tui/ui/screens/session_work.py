@@ -28,7 +28,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
-from steer_tui.core.session import SessionErrors
+from steer_tui.core.session_errors import SessionErrors
 from steer_tui.ui.screens.jobs import WORKER_ENDS, Job, JobQueue
 from steer_tui.ui.screens.saving import SAVE_RETRY_SECONDS, SaveKeeper
 from steer_tui.ui.session_factory import OPEN_ERRORS

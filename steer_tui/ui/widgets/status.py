@@ -12,8 +12,8 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from steer_tui.core.session import TokenInfo
-from steer_tui.core.stats import rank_of
+from steer_tui.core.token_view import TokenInfo
+from steer_tui.core.sampling import rank_of
 from steer_tui.ui.render import one_line
 
 STATUS_SECONDS = 0.5  # tokens/s and context in the status bar while streaming
