@@ -4,7 +4,7 @@ Writes a random llama-architecture GGUF (Q8_0 matrices, f32 norms, untied output
 tokenizer) big enough that its weights dwarf the torch/transformers baseline, then runs each
 phase in a **fresh child process** (so peaks do not mix) and reads the child's peak resident
 set (``getrusage(RUSAGE_SELF).ru_maxrss`` and ``/proc/self/status`` ``VmHWM``; the larger
-is reported) minus its resident set after importing torch/transformers (the baseline):
+is reported) minus its resident set after importing torch/transformers/gguf (the baseline):
 
 * ``before``: ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=bfloat16)``,
   transformers' own loader (what steer-train used before ``train.gguf_model``);
@@ -19,8 +19,10 @@ converted cache's size on disk::
     python bench/convert_memory.py --params-scale 2 # twice the layers
     python bench/convert_memory.py --dry-run        # tiny model, seconds (CI smoke test)
 
-File-backed pages of memory-mapped files (the GGUF, safetensors shards) count in the
-resident set as they do for the kernel's accounting of the process.
+File-backed pages of memory-mapped files (the GGUF, safetensors shards) count in the peak
+resident set (the kernel counts them for the process, though it can reclaim them); the
+"anonymous" columns are the peak of ``RssAnon`` alone (heap, tensors), sampled every 5 ms
+(over its own baseline), as the kernel keeps no high-water mark for it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -133,7 +136,16 @@ def child(phase: str, gguf_path: str, sha256: str) -> dict:
 
     from train import gguf_model, modeling  # noqa: F401
 
-    base = _status_kb("VmRSS")
+    base, base_anon = _status_kb("VmRSS"), _status_kb("RssAnon")
+    anon = [_status_kb("RssAnon")]
+    done = threading.Event()
+
+    def sample() -> None:  # anonymous memory has no kernel high-water mark: sample it
+        while not done.wait(0.005):
+            anon[0] = max(anon[0], _status_kb("RssAnon"))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     source = modeling.ModelSource("gguf", gguf_path, sha256)
     if phase == "before":
@@ -149,8 +161,10 @@ def child(phase: str, gguf_path: str, sha256: str) -> dict:
         raise SystemExit(f"unknown phase {phase!r}")
     seconds = time.perf_counter() - t0
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _status_kb("VmHWM"))
+    done.set()
+    sampler.join()
     del model
-    return {"phase": phase, "baseline_kb": base, "peak_kb": peak, "seconds": seconds}
+    return {"phase": phase, "baseline_kb": base, "peak_kb": peak, "anon_kb": anon[0] - base_anon, "seconds": seconds}
 
 
 def run_child(phase: str, gguf_path: Path, sha256: str, cache: Path) -> dict:
@@ -177,12 +191,14 @@ def table(rows: list[dict], bf16: int, n_params: int, gguf_bytes: int, cache_byt
            f"GGUF {gguf_bytes / mib:.1f} MiB on disk"
            + (f", converted cache {cache_bytes / mib:.1f} MiB on disk" if cache_bytes is not None else ""),
            "",
-           f"| {'phase':<48} | baseline MiB | peak MiB (minus baseline) | peak / bf16 | seconds |",
-           f"|{'-' * 50}|-------------:|--------------------------:|------------:|--------:|"]
+           f"| {'phase':<48} | baseline MiB | peak RSS MiB (minus baseline) | peak / bf16 "
+           f"| anonymous peak MiB | anon / bf16 | seconds |",
+           f"|{'-' * 50}|-------------:|------------------------------:|------------:"
+           f"|-------------------:|------------:|--------:|"]
     for r in rows:
-        net = (r["peak_kb"] - r["baseline_kb"]) * 1024
-        out.append(f"| {LABELS[r['phase']]:<48} | {r['baseline_kb'] / 1024:12.1f} | {net / mib:25.1f} "
-                   f"| {net / bf16:11.2f} | {r['seconds']:7.1f} |")
+        net, anon = (r["peak_kb"] - r["baseline_kb"]) * 1024, r["anon_kb"] * 1024
+        out.append(f"| {LABELS[r['phase']]:<48} | {r['baseline_kb'] / 1024:12.1f} | {net / mib:29.1f} "
+                   f"| {net / bf16:11.2f} | {anon / mib:18.1f} | {anon / bf16:11.2f} | {r['seconds']:7.1f} |")
     return "\n".join(out)
 
 
