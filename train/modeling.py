@@ -14,6 +14,8 @@
   (``local_files_only=True``).
 
 Weights load with ``use_safetensors=True`` (no pickle); ``trust_remote_code`` only when asked.
+A converted GGUF's shards are read rather than memory-mapped, so loading it in bf16 peaks near
+the bf16 model's size, not 3x (``bench/convert_memory.py``).
 """
 
 from __future__ import annotations
