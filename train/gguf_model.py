@@ -51,6 +51,18 @@ class Tensor:
         start = self.meta.data_offset + self.offset
         return np.frombuffer(self.meta.buf, dtype=np.uint8, count=n, offset=start).reshape(*rows, row)
 
+    def release(self) -> None:
+        """Unmap this tensor's pages from the process (they stay in the page cache; a later read
+        maps them again): converting a GGUF then holds about one tensor of the file resident,
+        not all of it."""
+        import mmap
+
+        if not hasattr(mmap, "MADV_DONTNEED"):  # pragma: no cover - not Linux/macOS
+            return
+        start = self.meta.data_offset + self.offset
+        page = start // mmap.PAGESIZE * mmap.PAGESIZE
+        self.meta.buf.madvise(mmap.MADV_DONTNEED, page, start + self.raw.nbytes - page)
+
     def values(self) -> np.ndarray:
         """Dequantized float32 values, shaped ``reversed(ne)`` (rows first)."""
         from gguf.quants import dequantize

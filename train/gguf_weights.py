@@ -57,8 +57,9 @@ def gguf_to_hf_names(arch: str, n_layer: int, hf_names) -> dict[str, str]:
 
 
 def iter_weights(m: Meta, plan: Plan) -> Iterator[tuple[str, np.ndarray]]:
-    """``(hf_name, float32 array)`` for every model weight; raises Unsupported if a weight is
-    missing or a GGUF tensor is left over."""
+    """``(hf_name, float32 array)`` for every model weight (C-contiguous, writeable, owning its
+    memory: the GGUF's mapped pages are released as each tensor is read); raises Unsupported if a
+    weight is missing or a GGUF tensor is left over."""
     cfg = plan.config
     shapes, tied = hf_expected(cfg)
     name_map = gguf_to_hf_names(m.arch, cfg.num_hidden_layers, shapes)
@@ -83,7 +84,11 @@ def iter_weights(m: Meta, plan: Plan) -> Iterator[tuple[str, np.ndarray]]:
         plan.weight_types[hf] = t.tensor_type.name
         if hf.endswith("embed_tokens.weight") and "lm_head.weight" in tied:
             plan.weight_types["lm_head.weight"] = t.tensor_type.name  # llama.cpp's output matmul uses it
-        yield hf, np.ascontiguousarray(w)
+        w = np.ascontiguousarray(w)
+        if not w.flags.writeable:  # an F32 tensor is a view of the read-only map: copy it out
+            w = w.copy()
+        t.release()
+        yield hf, w
     if leftover:
         raise Unsupported(f"{m.arch}: GGUF tensors the training model has no place for: {', '.join(leftover[:6])}"
                           + (f" (+{len(leftover) - 6} more)" if len(leftover) > 6 else ""))
@@ -93,8 +98,10 @@ def iter_weights(m: Meta, plan: Plan) -> Iterator[tuple[str, np.ndarray]]:
                           f"{', '.join(missing[:6])}" + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else ""))
 
 
-def write_hf_model(m: Meta, plan: Plan, out: Path, shard_bytes: int = 2 << 30) -> None:
-    """config.json + safetensors shards (+ index) of the model in ``out``."""
+def write_hf_model(m: Meta, plan: Plan, out: Path, shard_bytes: int = 512 << 20) -> None:
+    """config.json + safetensors shards (+ index) of the model in ``out``. A shard is written
+    (and its tensors freed) once the next weight would take it past ``shard_bytes``: converting
+    holds one shard plus one weight in float32, not the model (bench/convert_memory.py)."""
     import torch
     from safetensors.torch import save_file
 
@@ -120,7 +127,7 @@ def write_hf_model(m: Meta, plan: Plan, out: Path, shard_bytes: int = 2 << 30) -
     for hf, w in iter_weights(m, plan):
         if size and size + w.nbytes > shard_bytes:
             flush()
-        shards[-1][hf] = torch.from_numpy(np.array(w, dtype=np.float32, copy=True))
+        shards[-1][hf] = torch.from_numpy(w)  # shares iter_weights' array: no second copy
         size += w.nbytes
         total += w.nbytes
     flush()

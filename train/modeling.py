@@ -15,6 +15,8 @@
   (``local_files_only=True``).
 
 Weights load with ``use_safetensors=True`` (no pickle); ``trust_remote_code`` only when asked.
+A converted GGUF's shards are read rather than memory-mapped, so loading it in bf16 peaks near
+the bf16 model's size, not 3x (``bench/convert_memory.py``).
 """
 
 from __future__ import annotations
@@ -302,14 +304,41 @@ def load_model(
         log.warning("no tokenizer in %s (%s); using the trees' token ids as they are", where, exc)
         tokenizer = None
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(where), dtype=dtype or torch.float32, use_safetensors=True, output_loading_info=True, **kw
-        )
+        if source.kind == "gguf":
+            model, info = _load_converted(Path(where), dtype or torch.float32)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(where), dtype=dtype or torch.float32, use_safetensors=True, output_loading_info=True, **kw
+            )
     except Exception as exc:
         hint = " (pass --trust-remote-code if you trust this model's code)" if "trust_remote_code" in str(exc) else ""
         raise ModelError(f"cannot load model {source.path!r}: {exc}{hint}") from exc
     check_loading_info(info, source.path)
     return model, tokenizer, where
+
+
+def _load_converted(where: Path, dtype) -> tuple[Any, dict]:
+    """``from_pretrained`` of a converted GGUF with its shards *read* (``pread``), not mapped.
+
+    transformers maps every shard and keeps them all mapped until the whole model is loaded,
+    so the float32 file pages (2x a bf16 model) would stay resident beside the weights; read,
+    each float32 tensor lives only while it is cast (bench/convert_memory.py). The same
+    ``from_pretrained`` does the loading: equal weights, buffers and loading report."""
+    import transformers
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(where), local_files_only=True)
+    model_class = getattr(transformers, config.architectures[0])  # one of gguf_model.SUPPORTED
+    with contextlib.ExitStack() as files:
+        state = {}
+        for f in sorted(where.glob("*.safetensors")):
+            shard = files.enter_context(safe_open(str(f), framework="pt", backend="pread"))
+            state.update((k, shard.get_slice(k)) for k in shard.keys())
+        model, info = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                                  output_loading_info=True)
+    model.name_or_path = model.config._name_or_path = str(where)
+    return model, info
 
 
 def check_loading_info(info: dict, what: str) -> None:
