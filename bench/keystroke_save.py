@@ -46,7 +46,7 @@ class _Done:
 @contextmanager
 def saves_on_ui_thread():
     """Run the screen's jobs (saves among them) synchronously on the UI thread."""
-    from steer_tui.core.session import SessionErrors
+    from steer_tui.core.session_errors import SessionErrors
     from steer_tui.ui.screens.session_work import SessionWork
 
     real = SessionWork._job_in_thread

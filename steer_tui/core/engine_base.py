@@ -96,6 +96,11 @@ class Engine(Protocol):
     def vocab_sha256(self) -> str: ...
     @property
     def adapter(self) -> dict | None: ...
+    @property
+    def loaded_adapter(self) -> dict | None: ...
+    @property
+    def adapter_enabled(self) -> bool: ...
+    def set_adapter_enabled(self, enabled: bool) -> None: ...
 
     def describe(self) -> dict[str, Any]: ...
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]: ...
@@ -154,6 +159,22 @@ class BaseEngine:
     def adapter(self) -> dict | None:
         """``{"path", "sha256"}`` of the LoRA adapter in use for the next evaluation, else None."""
         return None
+
+    @property
+    def loaded_adapter(self) -> dict | None:
+        """The adapter loaded at start, whether or not it is enabled now (None: no adapter)."""
+        return None
+
+    @property
+    def adapter_enabled(self) -> bool:
+        """Whether the loaded adapter is on; False when none is loaded."""
+        return False
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        """Switch the loaded adapter on or off for what is evaluated next. An engine that
+        loads none refuses to switch one on."""
+        if enabled:
+            raise EngineError("no adapter is loaded (start with --adapter PATH.gguf)")
 
     @property
     def sha256(self) -> str:

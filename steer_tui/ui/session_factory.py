@@ -100,6 +100,4 @@ class SessionFactory:
         with self._lock:
             engine, self._engine = self._engine, None
         if engine is not None and self._owns_engine:
-            close = getattr(engine, "close", None)
-            if close is not None:
-                close()
+            engine.close()

@@ -83,11 +83,11 @@ class SessionScreen(SessionWork):
         if self.closed:  # the user left before it loaded
             self._close_session()
             return
-        for warning in getattr(self.session, "warnings", []) or []:
+        for warning in self.session.warnings:
             self.app.notify(str(warning), title="Model", severity="warning", timeout=10)
         self._refresh_all()
         self._show_model()
-        self.status.ctx_limit = int(getattr(self.session.engine, "n_ctx", 0) or 0)
+        self.status.ctx_limit = self.session.engine.n_ctx
         self.status.save_state = "read-only" if self.read_only else "saved"
         # a new task starts streaming at once; a reopened one waits where it stopped (it
         # was paused for a reason): space continues
@@ -451,11 +451,10 @@ class SessionScreen(SessionWork):
         if not await self._idle():
             return
         engine = self.session.engine
-        toggle = getattr(engine, "set_adapter_enabled", None)
-        if toggle is None or not getattr(engine, "loaded_adapter", None):
+        if not engine.loaded_adapter:
             self.app.notify("No adapter loaded (start with --adapter LORA.gguf).", severity="warning")
             return
-        enabled = not getattr(engine, "adapter_enabled", True)
+        enabled = not engine.adapter_enabled
 
         def done(_: Any, error: BaseException | None) -> None:
             if error is not None:
@@ -464,7 +463,7 @@ class SessionScreen(SessionWork):
             self.app.notify(f"Adapter {'on' if enabled else 'off'} for the next continuation.")
             self._show_model()
 
-        self.jobs.add(lambda: toggle(enabled), done)  # llama.cpp: off the UI thread
+        self.jobs.add(lambda: engine.set_adapter_enabled(enabled), done)  # llama.cpp: off the UI thread
 
     def _show_model(self) -> None:
         self.status.model = model_label(self.session.engine)

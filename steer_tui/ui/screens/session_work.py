@@ -125,7 +125,7 @@ class SessionWork(Screen[None]):
     @property
     def read_only(self) -> bool:
         """The task is open to look at, not to change."""
-        return bool(getattr(self.session, "read_only", False))
+        return self.session is not None and self.session.read_only
 
     # ------------------------------------------------------------------ workers
     @work(thread=True, exclusive=True, group="load")

@@ -12,8 +12,9 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from steer_tui.core.token_view import TokenInfo
+from steer_tui.core.engine_base import Engine
 from steer_tui.core.sampling import rank_of
+from steer_tui.core.token_view import TokenInfo
 from steer_tui.ui.render import one_line
 
 STATUS_SECONDS = 0.5  # tokens/s and context in the status bar while streaming
@@ -152,13 +153,12 @@ def prompt_line(tree: Any) -> Text:
     return line
 
 
-def model_label(engine: Any) -> str:
+def model_label(engine: Engine) -> str:
     """The model's name for the status bar, with the adapter's file name when one is loaded
     (and whether it is on)."""
-    name = str(getattr(engine, "name", "model"))
-    loaded = getattr(engine, "loaded_adapter", None) or getattr(engine, "adapter", None)
+    name = engine.name
+    loaded = engine.loaded_adapter
     if loaded:
         adapter = str(loaded.get("path", "adapter")).rsplit("/", 1)[-1]
-        on = getattr(engine, "adapter_enabled", True)
-        name += f" + {adapter}" if on else f" ({adapter} off)"
+        name += f" + {adapter}" if engine.adapter_enabled else f" ({adapter} off)"
     return name
