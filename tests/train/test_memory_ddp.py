@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import sys
 
 import pytest
@@ -16,19 +15,21 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world: int, out_dir: str, what: str) -> None:
+    import faulthandler
+    import gc
 
-
-def _worker(rank: int, world: int, port: int, out_dir: str, what: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    # a hang prints every thread's stack (in the test's captured stderr) and ends the rank
+    faulthandler.dump_traceback_later(200, exit=True)
+    # accelerate asks for MASTER_ADDR/PORT; the group is already up, so it never dials them
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT="1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    # rendezvous through a file in the test's tmp dir: no TCP port another process could take
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     from pathlib import Path
 
     from tests.train.tiny import synthetic_tree, tiny_llama
@@ -62,6 +63,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, what: str) -> None:
             res = {"raised": None, "loss": float(loss)}
         except NonFiniteLoss as exc:
             res = {"raised": str(exc)}
+        # DDP's reducer still waits for the backward that never came: free it while the
+        # process group lives (freed after destroy_process_group, it hung 1 run in ~4 on a busy
+        # machine, at exit, after the checks had passed)
+        del ddp, trainer
+        gc.collect()
     else:  # rank 1 gets no tasks at all
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         trainer = SteerTrainer(model=ddp.module, args=training_arguments(cfg, Path(out_dir) / str(rank)),
@@ -79,7 +85,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, what: str) -> None:
 def _spawn(tmp_path, what):
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_worker, args=(2, _port(), str(tmp_path), what), nprocs=2, join=False,
+    ctx = mp.start_processes(_worker, args=(2, str(tmp_path), what), nprocs=2, join=False,
                              start_method="spawn")
     deadline = 240
     import time
