@@ -30,7 +30,8 @@ pytest.importorskip("peft")
 pytest.importorskip("llama_cpp")
 
 from tests.train.families import ConverterUnavailable, build, converter_root  # noqa: E402
-from train.check import THRESHOLD, TEXT, check_text, hf_logprobs, llama_logprobs, next_token_diff, next_token_lp  # noqa: E402
+from train.check import (THRESHOLD, TEXT, check_text, hf_logprobs, llama_logprobs, next_token_diff,  # noqa: E402
+                         next_token_lp)
 from train.cli import main  # noqa: E402
 from train.modeling import SOURCE_FILE, load_model, resolve_model  # noqa: E402
 
