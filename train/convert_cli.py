@@ -18,9 +18,12 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
+
+log = logging.getLogger("steer-train")
 
 
 class Refused(Exception):
@@ -179,12 +182,28 @@ def _export(args) -> tuple[Path, str | None, int, Path | None]:
         export_lora_gguf(pm, out, arch=info.get("architecture"))
     except ExportError as exc:
         raise ExportError(f"{peft_dir}: {exc}") from None
-    base_gguf = source.path if source.kind == "gguf" else info.get("gguf_path")
+    base_gguf = source.path if source.kind == "gguf" else _source_gguf(info, where)
     modelfile = None
-    if base_gguf and Path(base_gguf).is_file():
+    if base_gguf:
         from train.modelfile import write_modelfile
 
         modelfile = write_modelfile(out.parent, base_gguf, out)
-    else:
-        base_gguf = None
     return out, base_gguf, len(tensors), modelfile
+
+
+def _source_gguf(info: dict, where) -> str | None:
+    """The GGUF a converted directory came from (its ``steer_source.json``), if it is still
+    there with the same bytes; else None, with a warning saying why."""
+    from train.modeling import file_sha256
+
+    path = info.get("gguf_path")
+    if not path:
+        return None
+    if not Path(path).is_file():
+        log.warning("%s was converted from %s, which no longer exists: no Modelfile", where, path)
+        return None
+    if info.get("gguf_sha256") and file_sha256(path) != info["gguf_sha256"]:
+        log.warning("%s was converted from %s, which has changed since: no Modelfile (the adapter is for the "
+                    "converted model, not the file there now)", where, path)
+        return None
+    return path

@@ -179,6 +179,19 @@ def test_trl_round_trip_does_in_llama_cpp_what_it_does_in_peft(ggufs, converted,
     assert effect > 10 * THRESHOLD  # the adapter does something the comparison can see
     assert diff <= THRESHOLD
 
+    # the GGUF the directory came from has changed: no Modelfile, no GGUF named
+    moved = tmp_path / "moved"
+    (converted / SOURCE_FILE).chmod(0o644)
+    info = json.loads((converted / SOURCE_FILE).read_text())
+    try:
+        (converted / SOURCE_FILE).unlink()  # a hard link: write a new file, leave the cache's
+        (converted / SOURCE_FILE).write_text(json.dumps({**info, "gguf_sha256": "0" * 64}))
+        assert main(["export-gguf", str(peft_dir), "--out", str(moved / "a.gguf")]) == 0
+        assert "--model BASE.gguf --adapter" in capsys.readouterr().out
+        assert (moved / "a.gguf").is_file() and not (moved / "Modelfile").exists()
+    finally:
+        (converted / SOURCE_FILE).write_text(json.dumps(info, indent=2))
+
     # --out elsewhere, base given as the GGUF itself (the same conversion)
     other = tmp_path / "elsewhere" / "a.gguf"
     assert main(["export-gguf", str(peft_dir), "--model", str(gguf), "--out", str(other)]) == 0
