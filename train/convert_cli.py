@@ -84,6 +84,8 @@ def convert_main(argv: list[str]) -> int:
     info = source_metadata(out)
     print(f"{gguf.name} ({info.get('architecture')}, {info.get('file_type')}) -> {out}: "
           f"{how} from the conversion cache {cached}")
+    if "hard-linked" in how:
+        print("           (hard links into the cache: save a fine-tuned model to another directory, not over these)")
     for note in info.get("restored") or []:
         print(f"restored   {note}")
     print(f"load it:   AutoModelForCausalLM.from_pretrained({str(out)!r})  (and AutoTokenizer, same directory)")
@@ -93,8 +95,9 @@ def convert_main(argv: list[str]) -> int:
 def place_files(src: Path, dst: Path) -> str:
     """Every file of ``src`` in ``dst``: hard links when both are on one filesystem, else
     copies; stale model shards of an earlier conversion in ``dst`` are removed (they would be
-    loaded too). Linked files are made read-only, so that writing the model over itself in
-    ``dst`` cannot change the cache. Returns "N files hard-linked" or "N files copied"."""
+    loaded too). A linked file *is* the cache's file: writing one in place changes the cache, so
+    the output tells users to save a changed model elsewhere. Returns "N files hard-linked" or
+    "N files copied"."""
     names = {f.name for f in src.iterdir() if f.is_file()}
     for old in dst.iterdir():
         if old.name not in names and old.is_file() and (
@@ -107,7 +110,6 @@ def place_files(src: Path, dst: Path) -> str:
             d.unlink()
         try:
             os.link(s, d)
-            os.chmod(d, 0o444)
             linked += 1
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):

@@ -181,7 +181,6 @@ def test_trl_round_trip_does_in_llama_cpp_what_it_does_in_peft(ggufs, converted,
 
     # the GGUF the directory came from has changed: no Modelfile, no GGUF named
     moved = tmp_path / "moved"
-    (converted / SOURCE_FILE).chmod(0o644)
     info = json.loads((converted / SOURCE_FILE).read_text())
     try:
         (converted / SOURCE_FILE).unlink()  # a hard link: write a new file, leave the cache's
