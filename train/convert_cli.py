@@ -177,7 +177,7 @@ def _export(args) -> tuple[Path, str | None, int, Path | None]:
         pm = PeftModel.from_pretrained(model, str(peft_dir))
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise ModelError(f"cannot apply the adapter in {peft_dir} to {base!r}: {exc}") from None
-    tensors, alpha, r = lora_state(pm)
+    n_pairs = len(lora_state(pm)[0])  # refuses rsLoRA/DoRA/embedding LoRA before writing
     out = Path(args.out).expanduser() if args.out else peft_dir / "adapter.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -190,7 +190,7 @@ def _export(args) -> tuple[Path, str | None, int, Path | None]:
         from train.modelfile import write_modelfile
 
         modelfile = write_modelfile(out.parent, base_gguf, out)
-    return out, base_gguf, len(tensors), modelfile
+    return out, base_gguf, n_pairs, modelfile
 
 
 def _source_gguf(info: dict, where) -> str | None:
