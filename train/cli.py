@@ -1,10 +1,13 @@
 """``steer-train``: train a LoRA adapter on steer trees; ``steer-train eval``: score one;
 ``steer-train check-model``: does the training model compute what llama.cpp computes?
+``steer-train convert`` / ``export-gguf`` (``train.convert_cli``): a GGUF as a Hugging Face
+directory for another trainer (TRL...), and that trainer's PEFT adapter as llama.cpp's LoRA GGUF.
 
 Exit codes: 0 ok, 2 bad arguments / no usable data / unknown or unsupported model, 3 training
 stopped (non-finite loss, out of memory), 4 the training model does not match llama.cpp's
 (pre-training check; ``--allow-model-mismatch`` trains anyway), 1 unexpected error.
 ``check-model``: 0 match, 1 mismatch, 2 cannot check (bad arguments, unsupported model).
+``convert``, ``export-gguf``: 0 written, 2 refused (bad file or argument, unsupported model or adapter).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from train.config import (ATTN_IMPLS, KL_MODES, LOSS_TYPES, OBJECTIVES, PACKINGS, ConfigError, TrainConfig, load_toml,
                           make_config)
+from train.convert_cli import Refused, convert_main, export_main
 
 log = logging.getLogger("steer-train")
 _D = TrainConfig()
@@ -35,7 +39,8 @@ def _train_parser() -> argparse.ArgumentParser:
         prog="steer-train",
         description="Train a LoRA adapter on steer trees (masked SFT + localized DPO). "
         "`steer-train eval --help` scores an adapter on held-out steers; "
-        "`steer-train check-model --help` compares the training model with llama.cpp.",
+        "`steer-train check-model --help` compares the training model with llama.cpp; "
+        "`steer-train convert --help` / `export-gguf --help`: train with another trainer (TRL...).",
     )
     p.add_argument("--data", action="append", metavar="DIR|FILE", help="steer-tree dir (recursive *.json) or file; repeatable")
     p.add_argument("--out", metavar="DIR", help="output directory")
@@ -131,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         return eval_main(argv[1:])
     if argv and argv[0] == "check-model":
         return check_main(argv[1:])
+    if argv and argv[0] in ("convert", "export-gguf"):
+        _setup_logging(True)
+        run = convert_main if argv[0] == "convert" else export_main
+        try:
+            return run(argv[1:])
+        except Refused as exc:
+            return _fail(str(exc))
     args = _train_parser().parse_args(argv)
     _setup_logging(args.quiet)
     try:

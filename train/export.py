@@ -72,6 +72,8 @@ def lora_state(peft_model) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]]
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     base = peft_model.get_base_model()
     for mod_name, mod in base.named_modules():
+        if isinstance(mod, LoraLayer) and name in getattr(mod, "lora_embedding_A", {}):
+            raise ExportError(f"LoRA on the embedding {mod_name!r} is not supported by the GGUF export")
         if isinstance(mod, LoraLayer) and name in mod.lora_A:
             a = mod.lora_A[name].weight.detach().float().cpu()
             b = mod.lora_B[name].weight.detach().float().cpu()

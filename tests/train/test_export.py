@@ -103,8 +103,9 @@ def _peft_with(**lora_kw):
         ({"use_dora": True}, "rsLoRA/DoRA adapters cannot be expressed"),
         ({"rank_pattern": {"q_proj": 8}}, "per-module rank/alpha patterns"),
         ({"alpha_pattern": {"v_proj": 2}}, "per-module rank/alpha patterns"),
+        ({"target_modules": ["q_proj", "embed_tokens"]}, "LoRA on the embedding 'model.embed_tokens'"),
     ],
-    ids=["rslora", "dora", "rank-pattern", "alpha-pattern"],
+    ids=["rslora", "dora", "rank-pattern", "alpha-pattern", "embedding"],
 )
 def test_adapters_llama_cpp_cannot_apply_are_refused(tmp_path, lora_kw, message):
     from train.export import ExportError
