@@ -3,19 +3,11 @@ saves on the UI thread) on a small task and prints its table."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_keystroke_save", ROOT / "bench" / "keystroke_save.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_keystroke_save"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("keystroke_save")
 
 
 def test_keystroke_save_runs_both_modes_and_prints_the_table(capsys):

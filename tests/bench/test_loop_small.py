@@ -4,22 +4,15 @@ Plus the guard arithmetic, checked by hand."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import load_bench
 
 
 def _loop():
-    spec = importlib.util.spec_from_file_location("bench_loop", ROOT / "bench" / "loop.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_loop"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("loop")
 
 
 def test_repeated_ngram_rate_by_hand():

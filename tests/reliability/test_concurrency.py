@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,7 @@ import pytest
 from steer_tui.core.fake_engine import FakeEngine
 from steer_tui.core.session import Session
 from steer_tui.core.session_errors import SessionError
-from steer_tui.core.store import TaskLocked
-from steer_tui.core.store import Store, load_tree
+from steer_tui.core.store import Store, TaskLocked
 
 from .conftest import REPO, build_session, run_cli
 

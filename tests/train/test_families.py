@@ -21,10 +21,8 @@ fetches it once and fails, never skips, when it cannot). Per family:
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 

@@ -14,13 +14,12 @@ moves values by > 1e-2).
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
+
+from tests.bench import load_bench
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -32,7 +31,6 @@ from train.losses import full_reference_kl  # noqa: E402
 from train.logprobs import lm_head_of, token_logprobs  # noqa: E402
 
 VAL_TOL = 1e-5
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny(seed=0, attn="eager", cls=None, config_cls=None, **kw):
@@ -204,11 +202,7 @@ def test_trainer_loss_terms_equal_with_and_without_chunking(monkeypatch, tmp_pat
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_logits_memory", ROOT / "bench" / "logits_memory.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_logits_memory"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("logits_memory")
 
 
 def test_saved_bytes_scale_with_tokens_not_vocab():
