@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from steer_tui.core import safe_text as _core
+from steer_tui.core.tasks import TITLE_MAX_CHARS
 
 
 @lru_cache(maxsize=65536)
@@ -28,9 +29,7 @@ def one_line(text: str, limit: int | None = None) -> str:
     return s
 
 
-TITLE_CHARS = 60  # a task title shown on one line (tree view header), at most
-
-
 def title_line(title: str) -> str:
-    """A task title as one visible line of at most ``TITLE_CHARS`` characters."""
-    return one_line(title, TITLE_CHARS)
+    """A task title as one visible line, as long as a title may be (``TITLE_MAX_CHARS``;
+    a file written elsewhere may hold a longer one)."""
+    return one_line(title, TITLE_MAX_CHARS)
