@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -29,8 +30,17 @@ def _worker(rank: int, world: int, out_dir: str, what: str) -> None:
     # rendezvous through a file in the test's tmp dir: no TCP port another process could take
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
-    from pathlib import Path
+    # every DDP object lives in _run's frame and is freed before the group is destroyed: a
+    # reducer freed after destroy_process_group hung the rank at exit (seen on 2 cores under
+    # load, in the NaN case and in the empty-batch case, after the checks had passed)
+    res = _run(rank, out_dir, what)
+    gc.collect()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
 
+
+def _run(rank: int, out_dir: str, what: str) -> dict:
+    """One rank's part of the scenario ``what``: what it computed or raised."""
     from tests.train.tiny import synthetic_tree, tiny_llama
     from train.config import make_config
     from train.data import DataOptions, build_task
@@ -62,11 +72,6 @@ def _worker(rank: int, world: int, out_dir: str, what: str) -> None:
             res = {"raised": None, "loss": float(loss)}
         except NonFiniteLoss as exc:
             res = {"raised": str(exc)}
-        # DDP's reducer still waits for the backward that never came: free it while the
-        # process group lives (freed after destroy_process_group, it hung 1 run in ~4 on a busy
-        # machine, at exit, after the checks had passed)
-        del ddp, trainer
-        gc.collect()
     else:  # rank 1 gets no tasks at all
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         trainer = SteerTrainer(model=ddp.module, args=training_arguments(cfg, Path(out_dir) / str(rank)),
@@ -77,8 +82,7 @@ def _worker(rank: int, world: int, out_dir: str, what: str) -> None:
         loss.backward()  # rank 0 waits here for rank 1's gradient all-reduce
         g = sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None)
         res = {"loss": float(loss), "grad": g}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
-    dist.destroy_process_group()
+    return res
 
 
 def _spawn(tmp_path, what):
