@@ -49,11 +49,15 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=OBJECTIVES)
     p.add_argument("--packing", choices=PACKINGS)
     _values(p, ("--max-steps", int), ("--epochs", float), ("--lr", float), ("--beta", float))
-    p.add_argument("--loss-type", choices=LOSS_TYPES)
+    p.add_argument("--loss-type", choices=LOSS_TYPES,
+                   help="sigmoid (DPO, default), ipo, apo_zero (anchored), orpo (odds ratio, reference-free; adds "
+                   "the chosen-span NLL with weight --rpo-alpha, 1 when unset)")
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--length-normalize", action="store_true", default=None)
     _values(p, ("--sft-weight", float), ("--dpo-weight", float))
     p.add_argument("--rpo-alpha", type=float, help="SFT term on the chosen span (RPO-style)")
+    p.add_argument("--first-token-weight", type=float,
+                   help="weight of each steer's first divergent token in the DPO span log-probs (default 1)")
     p.add_argument("--kl-weight", type=float, help="weight of the reference-KL term (--kl-mode) on model-written tokens")
     p.add_argument("--kl-mode", choices=KL_MODES,
                    help="full: exact KL(policy || base) over the vocabulary (one extra no-grad forward); token: k3 "
@@ -61,6 +65,8 @@ def _train_parser() -> argparse.ArgumentParser:
     _values(p, ("--lora-r", int), ("--lora-alpha", float), ("--lora-dropout", float))
     p.add_argument("--no-lora-mlp", dest="lora_mlp", action="store_false", default=None, help="LoRA on attention only")
     p.add_argument("--lora-layers", help="blocks that get LoRA: all (default), last:N, or 0-based 'A-B,C'")
+    p.add_argument("--init-adapter", metavar="DIR",
+                   help="go on training this LoRA adapter (a previous steer-train --out) instead of a fresh one")
     _values(p, ("--eval-fraction", float), ("--model-token-weight", float), ("--accepted-weight", float),
             ("--chosen-continuation", int), ("--rejected-tokens", int), ("--max-length", int))
     p.add_argument("--batch-size", type=int, help="tasks per device per step")

@@ -33,7 +33,7 @@ from typing import Any
 # modules that act on a value all read these.
 OBJECTIVES = ("sft", "dpo", "sft+dpo")
 #: DPO loss forms (`train.losses.dpo_loss`)
-LOSS_TYPES = ("sigmoid", "ipo")
+LOSS_TYPES = ("sigmoid", "ipo", "apo_zero", "orpo")
 #: sequence layouts (`train.packing.plan_packing`)
 PACKINGS = ("tree", "none")
 #: reference-KL terms: "full" = exact KL(policy ‖ reference) over the vocabulary;
@@ -70,6 +70,7 @@ class TrainConfig:
     sft_weight: float = 1.0
     dpo_weight: float = 1.0
     rpo_alpha: float = 0.0
+    first_token_weight: float = 1.0  # weight of a steer's first divergent token in its DPO span sums
     kl_weight: float = 5.0
     kl_mode: str = "full"  # see KL_MODES: the two modes compute KLs of opposite directions
     # optimisation
@@ -89,6 +90,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_mlp: bool = True
     lora_layers: str = "all"  # "all", "last:N" or 0-based "A-B,C"
+    init_adapter: str | None = None  # a PEFT adapter dir to go on training (e.g. the previous round's --out)
     # execution
     packing: str = "tree"
     token_budget: int = 4096
@@ -123,6 +125,8 @@ class TrainConfig:
                   "weight_decay", "lora_dropout", "warmup_ratio", "chosen_continuation"):
             if getattr(self, k) < 0:
                 raise bad(k, f"must be >= 0, got {getattr(self, k)}")
+        if self.first_token_weight <= 0:
+            raise bad("first_token_weight", f"must be > 0, got {self.first_token_weight}")
         if not 0 <= self.eval_fraction < 1:
             raise bad("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         if not 0 <= self.label_smoothing < 0.5:

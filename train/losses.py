@@ -34,6 +34,7 @@ __all__ = [
     "dpo_loss",
     "DPOOutput",
     "chosen_nll",
+    "log_odds",
     "reference_kl",
     "full_reference_kl",
     "dpo_metrics",
@@ -80,7 +81,8 @@ def weighted_nll(logps: Tensor, weights: Tensor, *, normalize: str = "sequence")
     return per_seq.mean()
 
 
-def span_logps(logps: Sequence[Tensor], spans: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+def span_logps(logps: Sequence[Tensor], spans: Sequence[tuple[int, int]], *,
+               first_weight: float = 1.0) -> tuple[Tensor, Tensor]:
     """Sum of log-probs over one span per sequence.
 
     Args:
@@ -88,6 +90,8 @@ def span_logps(logps: Sequence[Tensor], spans: Sequence[tuple[int, int]]) -> tup
         spans: ``B`` half-open ranges ``(start, end)`` **on the prediction axis**: the span of
             target tokens ``seq[start+1 : end+1]``. For a DPO sequence ``prefix + completion``
             the completion span is ``(len(prefix) - 1, len(prefix) - 1 + len(completion))``.
+        first_weight: weight of the span's first token (the first divergent token of a steer:
+            where the correction and what the model wrote part ways); the others weigh 1.
 
     Returns:
         ``(sums, lengths)``, both ``(B,)``; ``sums`` keeps the graph.
@@ -98,7 +102,10 @@ def span_logps(logps: Sequence[Tensor], spans: Sequence[tuple[int, int]]) -> tup
     for lp, (a, b) in zip(logps, spans):
         if not (0 <= a <= b <= lp.shape[0]):
             raise ValueError(f"span_logps: span ({a}, {b}) outside a sequence of {lp.shape[0]} targets")
-        sums.append(lp[a:b].sum())
+        total = lp[a:b].sum()
+        if first_weight != 1.0 and b > a:
+            total = total + (first_weight - 1.0) * lp[a]
+        sums.append(total)
         lens.append(b - a)
     device = logps[0].device if len(logps) else None
     return torch.stack(sums), torch.tensor(lens, dtype=torch.float32, device=device)
@@ -126,6 +133,7 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    lengths: tuple[Tensor, Tensor] | None = None,
 ) -> DPOOutput:
     """DPO on span log-probs.
 
@@ -136,7 +144,12 @@ def dpo_loss(
         beta: inverse temperature of the implicit reward (DPO) / regularization (IPO).
         loss_type: ``"sigmoid"``: ``-log σ(β·h)`` (with conservative label smoothing ε:
             ``-(1-ε)·log σ(β·h) - ε·log σ(-β·h)``); ``"ipo"``: ``(h - 1/(2β))²``; where
-            ``h = (π_c - ref_c) - (π_r - ref_r)``.
+            ``h = (π_c - ref_c) - (π_r - ref_r)``; ``"apo_zero"`` (APO-zero, anchored:
+            push the chosen span up and the rejected span down, each against the reference):
+            ``(1 - σ(β·(π_c - ref_c))) + σ(β·(π_r - ref_r))``; ``"orpo"`` (odds ratio,
+            reference-free): ``-β·log σ(odds_c - odds_r)`` with ``odds = m - log(1 - e^m)``,
+            ``m`` = the span's mean log-prob per token (``lengths`` required: the chosen and
+            rejected span lengths). ORPO's NLL term is the trainer's ``rpo_alpha`` term.
 
     Returns:
         :class:`DPOOutput` with per-steer losses (reduce them yourself).
@@ -148,11 +161,25 @@ def dpo_loss(
         losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
         losses = (h - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "apo_zero":
+        losses = (1.0 - torch.sigmoid(beta * (policy_chosen - ref_chosen))) + torch.sigmoid(
+            beta * (policy_rejected - ref_rejected))
+    elif loss_type == "orpo":
+        if lengths is None:
+            raise ValueError("dpo_loss: loss_type 'orpo' needs the span lengths")
+        losses = -beta * F.logsigmoid(log_odds(policy_chosen, lengths[0]) - log_odds(policy_rejected, lengths[1]))
     else:
         raise ValueError(f"dpo_loss: loss_type must be one of {', '.join(LOSS_TYPES)}, not {loss_type!r}")
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
     return DPOOutput(losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+
+
+def log_odds(span_sum: Tensor, lengths: Tensor) -> Tensor:
+    """``log(p / (1 - p))`` of a span with ``p`` = exp(its mean log-prob per token) (ORPO);
+    ``log(1 - p)`` is computed as ``log(-expm1(m))`` to stay finite as ``p`` -> 1."""
+    m = (span_sum / lengths.to(span_sum.dtype).clamp_min(1.0)).clamp(max=-1e-6)
+    return m - torch.log(-torch.expm1(m))
 
 
 def chosen_nll(policy_chosen: Tensor, chosen_lengths: Tensor) -> Tensor:

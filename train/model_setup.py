@@ -81,9 +81,30 @@ def build_peft_model(model, cfg: TrainConfig):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    peft_model = get_peft_model(model, lc)
+    if cfg.init_adapter:
+        peft_model = load_init_adapter(model, cfg.init_adapter)
+    else:
+        peft_model = get_peft_model(model, lc)
     fp32_trainable(peft_model)
     return peft_model
+
+
+def load_init_adapter(model, path: str):
+    """``--init-adapter DIR``: go on training the LoRA adapter a previous ``steer-train`` run
+    (or any PEFT ``save_pretrained``) wrote to DIR, instead of a fresh one. Its own LoraConfig
+    (rank, targets, layers) applies; the reference stays the base model (adapter disabled)."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    d = Path(path)
+    if not (d / "adapter_config.json").is_file():
+        raise ConfigError(f"--init-adapter {path}: no adapter_config.json there (pass the --out directory of a "
+                          "steer-train run, or a PEFT adapter directory)")
+    try:
+        return PeftModel.from_pretrained(model, str(d), is_trainable=True)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise ConfigError(f"--init-adapter {path}: cannot load it onto this model: {exc}") from None
 
 
 def weights_dtype(cfg: TrainConfig):

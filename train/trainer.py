@@ -243,22 +243,25 @@ class SteerTrainer(Trainer):
         if batch.pairs:
             c_spans = [p.chosen_span for p in batch.pairs]
             r_spans = [p.rejected_span for p in batch.pairs]
-            pc, lc = span_logps([logps[i] for i in batch.chosen_idx], c_spans)
-            pr, lr = span_logps([logps[i] for i in batch.rejected_idx], r_spans)
-            rc, _ = span_logps([ref[i] for i in batch.chosen_idx], c_spans)
-            rr, _ = span_logps([ref[i] for i in batch.rejected_idx], r_spans)
+            fw = cfg.first_token_weight
+            pc, lc = span_logps([logps[i] for i in batch.chosen_idx], c_spans, first_weight=fw)
+            pr, lr = span_logps([logps[i] for i in batch.rejected_idx], r_spans, first_weight=fw)
+            rc, _ = span_logps([ref[i] for i in batch.chosen_idx], c_spans, first_weight=fw)
+            rr, _ = span_logps([ref[i] for i in batch.rejected_idx], r_spans, first_weight=fw)
             lc, lr = lc.to(device), lr.to(device)
             if cfg.length_normalize:
                 pc, rc = pc / lc.clamp_min(1), rc / lc.clamp_min(1)
                 pr, rr = pr / lr.clamp_min(1), rr / lr.clamp_min(1)
-            d = dpo_loss(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
+            d = dpo_loss(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                         lengths=(lc, lr) if not cfg.length_normalize else (torch.ones_like(lc), torch.ones_like(lr)))
             f = share("pairs")
             dpo = d.losses.mean() * f
             loss = loss + cfg.dpo_weight * dpo
             out["dpo_loss"] = dpo.detach()
-            if cfg.rpo_alpha > 0:
+            rpo_alpha = cfg.rpo_alpha or (1.0 if cfg.loss_type == "orpo" else 0.0)  # ORPO = NLL + odds ratio
+            if rpo_alpha > 0:
                 rpo = chosen_nll(pc * (lc if cfg.length_normalize else 1), lc).mean() * f
-                loss = loss + cfg.rpo_alpha * rpo
+                loss = loss + rpo_alpha * rpo
                 out["rpo_loss"] = rpo.detach()
             for k, v in dpo_metrics(d).items():
                 out[k] = v * f

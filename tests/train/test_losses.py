@@ -13,6 +13,7 @@ from train.losses import (  # noqa: E402
     dpo_loss,
     dpo_metrics,
     full_reference_kl,
+    log_odds,
     pad_logps,
     reference_kl,
     span_logps,
@@ -85,6 +86,44 @@ def test_dpo_label_smoothing_and_ipo_by_hand():
         dpo_loss(*args, loss_type="hinge")
     with pytest.raises(ValueError, match="beta"):
         dpo_loss(*args, beta=0.0)
+
+
+def test_first_token_weight_scales_only_the_first_span_token():
+    a = t([0.0, -1.0, -2.0, -3.0])
+    # span (1, 3) holds -1 (the first divergent token) and -2: 3 * -1 + -2
+    assert span_logps([a], [(1, 3)], first_weight=3.0)[0].item() == pytest.approx(-5.0)
+    assert span_logps([a], [(2, 2)], first_weight=3.0)[0].item() == 0.0  # an empty span stays 0
+
+
+def test_apo_zero_by_hand():
+    # chosen reward beta*(pc - rc) = 0.1 * 0.5, rejected 0.1 * -0.5:
+    # (1 - sigmoid(0.05)) + sigmoid(-0.05) = 2 * sigmoid(-0.05)
+    pc = t([-2.0]).requires_grad_()
+    out = dpo_loss(pc, t([-3.0]), t([-2.5]), t([-2.5]), beta=0.1, loss_type="apo_zero")
+    assert out.losses.item() == pytest.approx(2 / (1 + math.exp(0.05)))
+    out.losses.sum().backward()
+    # d/dpc (1 - sigmoid(beta x)) = -beta sigmoid(beta x) (1 - sigmoid(beta x)): anchored, not relative:
+    # raising the chosen lowers the loss whatever the rejected does
+    s = 1 / (1 + math.exp(-0.05))
+    assert pc.grad.item() == pytest.approx(-0.1 * s * (1 - s))
+
+
+def test_orpo_by_hand_ignores_the_reference():
+    # chosen span: 2 tokens, sum -1 -> mean m = -0.5, p = e^-0.5; rejected: 1 token, m = -2
+    pc, pr, lens = t([-1.0]), t([-2.0]), (t([2.0]), t([1.0]))
+
+    def odds(m):
+        return math.log(math.exp(m) / (1 - math.exp(m)))
+
+    assert log_odds(pc, lens[0]).item() == pytest.approx(odds(-0.5))
+    want = -0.1 * math.log(1 / (1 + math.exp(-(odds(-0.5) - odds(-2.0)))))
+    for ref in (t([0.0]), t([-9.0])):  # reference-free
+        out = dpo_loss(pc, pr, ref, ref, beta=0.1, loss_type="orpo", lengths=lens)
+        assert out.losses.item() == pytest.approx(want)
+    with pytest.raises(ValueError, match="lengths"):
+        dpo_loss(pc, pr, pc, pr, loss_type="orpo")
+    # p -> 1 (mean log-prob 0) stays finite
+    assert math.isfinite(log_odds(t([0.0]), t([3.0])).item())
 
 
 def test_dpo_zero_when_policy_equals_reference():
