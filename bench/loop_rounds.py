@@ -67,16 +67,53 @@ def subset(tasks_dir: Path, records: list[dict], n_steers: int, dst: Path) -> in
     return got
 
 
+def data_key(data: Path, train_args: list[str], st: Any) -> str:
+    """What a trained and measured point depends on: the steer files (names and sizes), the
+    steer-train flags and the held-out settings."""
+    import hashlib
+
+    files = sorted((f.name, f.stat().st_size) for f in data.glob("*.json"))
+    return hashlib.sha256(json.dumps([files, train_args, repr(st)], default=str).encode()).hexdigest()[:16]
+
+
 def point(loop: ModuleType, st: Any, base: dict, data: Path, tdir: Path, train_args: list[str], target: float) -> dict:
+    """Train an adapter on ``data`` and measure it on the held-out prompts. The result is kept
+    in ``tdir/point.json`` (with every tuned answer) and reused when nothing it depends on
+    changed, so ``--curve``, ``--rounds`` and ``--compare`` share points."""
+    key = data_key(data, train_args, st)
+    old = cached_point(key)
+    if old is not None:
+        loop.log(f"point {tdir.name}: cached ({key})")
+        return finish_point(loop, base, old["tuned"], old["train_steers"], old["train_seconds"], tdir, key, target)
     metrics = loop.train(data, tdir, train_args)
     gguf = tdir / "adapter.gguf"
     if not gguf.is_file():
         raise SystemExit(f"bench/loop.py: steer-train wrote no {gguf} ({metrics.get('adapter_gguf_error')})")
     tuned = loop.heldout_tuned(st, gguf)
+    return finish_point(loop, base, tuned, metrics["data"]["train_steers"], metrics["train"]["seconds"], tdir, key,
+                        target)
+
+
+POINTS: Path | None = None  # bench/out/points: every measured point by key (set by loop.main)
+
+
+def cached_point(key: str) -> dict | None:
+    f = POINTS / f"{key}.json" if POINTS is not None else None
+    return json.loads(f.read_text()) if f is not None and f.is_file() else None
+
+
+def finish_point(loop: ModuleType, base: dict, tuned: dict, steers: int, seconds: float, tdir: Path, key: str,
+                 target: float) -> dict:
     res = loop.compare(base, tuned, None, target)
     res["steer_rate"]["drop_se"] = drop_se(base, tuned)
-    res["train_steers"] = metrics["data"]["train_steers"]
-    res["train_seconds"] = metrics["train"]["seconds"]
+    res["train_steers"] = steers
+    res["train_seconds"] = seconds
+    blob = json.dumps({"key": key, "tuned": tuned, "train_steers": steers, "train_seconds": seconds})
+    tdir.mkdir(parents=True, exist_ok=True)
+    (tdir / "point.json").write_text(blob)
+    if POINTS is not None:
+        POINTS.mkdir(parents=True, exist_ok=True)
+        (POINTS / f"{key}.json").write_text(blob)
     return res
 
 
@@ -123,37 +160,53 @@ def run_rounds(loop: ModuleType, ns: Any, st: Any, cache: Path, model_sha: str, 
     data, cap = loop.capture(st, cache, model_sha)
     _, base = loop.heldout_base(st, cache, model_sha)
     train_args = loop.shlex.split(ns.train_args)
-    all_steers = ns.out / "rounds" / "steers"
-    subset(data, cap["records"], 10**9, all_steers)  # round 1: the whole capture
+    mode = getattr(ns, "rounds_from", "base")
+    rdir = ns.out / ("rounds" if mode == "base" else f"rounds-{mode}")
+    all_steers = rdir / "steers"
+    first = rdir / "capture-1.json"  # round 1: the whole capture (kept with later rounds' files on a rerun)
+    if not first.is_file() or json.loads(first.read_text()).get("data") != str(data):
+        subset(data, cap["records"], 10**9, all_steers)
+        first.write_text(json.dumps({"data": str(data), "steers": cap["steers"]}))
     rows, captured = [], [cap["steers"]]
     adapter: Path | None = None
     for k in range(1, n_rounds + 1):
         if k > 1:
             t0 = time.time()
-            got = capture_with_adapter(loop, st, adapter, k, all_steers)
+            got = capture_with_adapter(loop, st, adapter, k, all_steers, rdir / f"capture-{k}.json")
             captured.append(got)
             loop.log(f"round {k}: captured {got} steers with adapter {k - 1} in {time.time() - t0:.0f}s")
-        res = point(loop, st, base, all_steers, ns.out / "rounds" / f"adapter-{k}", train_args, ns.target_drop)
+        args_k = train_args
+        if getattr(ns, "rounds_from", "base") == "continue" and adapter is not None:
+            args_k = [*train_args, "--init-adapter", str(adapter.parent)]
+        res = point(loop, st, base, all_steers, rdir / f"adapter-{k}", args_k, ns.target_drop)
         res["round"], res["captured"] = k, captured[-1]
         rows.append(res)
         adapter = ns.out / "rounds" / f"adapter-{k}" / "adapter.gguf"
+    how = ("base (adapter k is trained from the base model on all steers of rounds 1..k)" if mode == "base" else
+           "continue (adapter k goes on training adapter k-1, on all steers of rounds 1..k)")
     report = {"base": {k: v for k, v in base.items() if k != "records"}, "rounds": rows, "train_args": train_args,
-              "from": "base (adapter k is trained from the base model on all steers of rounds 1..k)"}
-    (ns.out / "rounds.json").write_text(json.dumps(report, indent=1))
-    print(f"rounds: base {base['steers_per_1k_tokens']:.2f} steers/1k held-out tokens; drop is cumulative vs base")
+              "from": how}
+    (rdir.parent / f"{rdir.name}.json").write_text(json.dumps(report, indent=1))
+    print(f"rounds ({mode}): base {base['steers_per_1k_tokens']:.2f} steers/1k held-out tokens; "
+          "drop is cumulative vs base")
     print(HEADER)
     for r in rows:
         print(row(f"round {r['round']}", r))
-    plot(ns.out / "rounds.png", [r["round"] for r in rows], rows, "round",
-         "held-out steer rate per round (adapter k: base + all steers of rounds 1..k)", base=base)
+    plot(rdir.parent / f"{rdir.name}.png", [r["round"] for r in rows], rows, "round",
+         f"held-out steer rate per round (adapter k: {how.split(' (')[0]} + all steers of rounds 1..k)", base=base)
     return report
 
 
-def capture_with_adapter(loop: ModuleType, st: Any, adapter: Path, k: int, dst: Path) -> int:
+def capture_with_adapter(loop: ModuleType, st: Any, adapter: Path, k: int, dst: Path, done: Path) -> int:
     """Round k's capture: the training prompts again with other seeds, steered by the rules
-    on base + the previous adapter; its task files join ``dst``."""
+    on base + the previous adapter; its task files join ``dst`` (once: ``done`` records it)."""
     import dataclasses
     import tempfile
+
+    if done.is_file() and any(dst.glob(f"r{k}-*.json")):
+        return json.loads(done.read_text())["steers"]
+    for stale in dst.glob(f"r{k}-*.json"):  # an interrupted capture: start over
+        stale.unlink()
 
     tasks = loop.load_tasks(st.train_prompts)
     engine = loop.open_engine(None, n_ctx=st.n_ctx, n_threads=st.threads, adapter=adapter)
@@ -165,6 +218,7 @@ def capture_with_adapter(loop: ModuleType, st: Any, adapter: Path, k: int, dst: 
                 shutil.copy2(f, dst / f"r{k}-{f.name}")
     finally:
         engine.close()
+    done.write_text(json.dumps({"steers": res["steers"], "model_tokens": res["model_tokens"]}))
     return res["steers"]
 
 
