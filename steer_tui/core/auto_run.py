@@ -36,6 +36,7 @@ import numpy as np
 
 from steer_tui.core.auto import Hit, Rule, alternative_ok, banned_tokens, find_hit, scope_start, token_at
 from steer_tui.core.engine_base import Engine
+from steer_tui.core.errors import EngineError
 from steer_tui.core.sampling import Sampling, sample_token
 from steer_tui.core.session import Session
 from steer_tui.core.session_errors import SessionError
@@ -182,7 +183,7 @@ def steer_sample(
                     report.messages.append("the model has no EOS token; cannot stop")
                     report.end = "gave-up"
                     break
-                chosen = eos
+                chosen = end_token(session)
             node = session.pick(chosen)
         report.steers += 1
         report.by_rule[hit.rule.name] = report.by_rule.get(hit.rule.name, 0) + 1
@@ -248,6 +249,27 @@ def _rewrite(
                 banned.add(tok)
                 break
     return i, None, f"every rewrite of {hit.text!r} at token {i} still matched after {tries} tries"
+
+
+def end_token(session: Session) -> int:
+    """The end-of-generation token a ``stop`` steer writes: the one the model's chat template
+    closes an assistant turn with (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ...),
+    not whichever end token comes first in the vocabulary (SmolLM2's first is the
+    document-level ``<|endoftext|>``). Without a template, or with one end token, the first."""
+    engine = session.engine
+    ids = engine.eos_ids
+    if len(ids) > 1:
+        mark = "STEER_TURN_END_PROBE"
+        try:
+            text = engine.render_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}])
+        except EngineError:
+            text = ""
+        after = text[text.find(mark) + len(mark):] if mark in text else ""
+        found = [(after.find(p), t) for t in ids
+                 if (p := engine.token_bytes(t).decode("utf-8", errors="ignore")) and p in after]
+        if found:
+            return int(min(found)[1])
+    return int(ids[0])
 
 
 def view_top(session: Session) -> list[tuple[int, float]] | None:

@@ -77,8 +77,12 @@ def test_stop_ends_the_answer_before_the_word(engine, plain, tmp_path):
         rep = steer_sample(s, [Rule("w", re.compile(rf"\b{word}\b"), "stop")], max_tokens=N)
         assert rep.steers == 1 and rep.end == "eos"
         (st,) = s.tree.steers()
-        assert st.chosen == [engine.eos_ids[0]]
-        eos_text = engine.token_bytes(engine.eos_ids[0]).decode()
+        # SmolLM2 has two end tokens, <|endoftext|> first; the one its chat turn ends with is
+        # <|im_end|>, and that is what a stop steer must teach
+        end = engine.tokenize("<|im_end|>", add_bos=False, special=True)
+        assert len(engine.eos_ids) > 1 and engine.eos_ids[0] != end[0]
+        assert st.chosen == end
+        eos_text = engine.token_bytes(end[0]).decode()
         assert rep.text.endswith(eos_text)  # the picked end token, shown as its text
         kept = rep.text[: -len(eos_text)]
         assert text.startswith(kept) and word not in kept and len(kept) <= at + 1
