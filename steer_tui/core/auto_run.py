@@ -148,7 +148,7 @@ def steer_sample(
         if hit.rule.action == "rewrite":
             if token_texts is None:
                 token_texts = _token_texts(session.engine)
-            i, rewrite, why = _rewrite(session, hit, text, pieces, starts, protected, token_texts,
+            i, rewrite, why = _rewrite(session, hit, rules, text, pieces, starts, protected, token_texts,
                                        attempt=report.steers, tries=max_attempts)
             if rewrite is None:
                 report.messages.append(f"rule {hit.rule.name!r}: {why}; giving up on this sample")
@@ -187,8 +187,10 @@ def steer_sample(
             node = session.pick(chosen)
         report.steers += 1
         report.by_rule[hit.rule.name] = report.by_rule.get(hit.rule.name, 0) + 1
-        pieces.append(node.text)
-        protected = len(before) + len(node.text)
+        # one piece per token, as the rollbacks count them: the steer's node may hold many
+        # tokens (a rewrite ~20), each decoded in context
+        pieces = [t.text for t in session.tokens_view()]
+        protected = len("".join(pieces))
         if on_event:
             on_event(f"{hit.rule.annotator} at token {i}: {hit.text!r} -> {node.text!r}")
         if eos is not None and node.tokens and node.tokens[-1] in session.engine.eos_ids:
@@ -204,6 +206,7 @@ def steer_sample(
 def _rewrite(
     session: Session,
     hit: Hit,
+    rules: list[Rule],
     text: str,
     pieces: list[str],
     starts: list[int],
@@ -219,7 +222,9 @@ def _rewrite(
     The rewrite starts at the token holding the scope's first character; text of that token
     before the scope (only ever spaces in practice) is left to the model, which writes its
     own spacing. A rewrite the rule still matches is written again with the token that
-    started the match banned too, ``tries`` times."""
+    started the match banned too, ``tries`` times. Any rule counts, not only the one that
+    fired: the rewrite is protected from later steers, so a word another rule forbids would
+    be trained as the chosen side."""
     rule = hit.rule
     start = scope_start(text, hit.start, protected, rule.scope)
     i = token_at(starts, start)
@@ -238,17 +243,19 @@ def _rewrite(
         rewrite = (prefix if head else "") + written
         if not rewrite.strip():
             return i, None, f"the model wrote nothing in place of {hit.text!r} at token {i}"
-        again = rule.pattern.search(rewrite)
+        again = find_hit(rules, rewrite, 0, final=True)
         if again is None:
             return i, rewrite, ""
-        # ban the token that started the match inside the rewrite, and write again
+        # ban the matched word (every tokenisation) and the token that started the match
+        # inside the rewrite, and write again
+        banned |= banned_tokens(token_texts, again.text)
         offset = len(prefix) if head else 0
         for tok in out:
             offset += len(token_texts[tok])
-            if offset > again.start():
+            if offset > again.start:
                 banned.add(tok)
                 break
-    return i, None, f"every rewrite of {hit.text!r} at token {i} still matched after {tries} tries"
+    return i, None, f"every rewrite of {hit.text!r} at token {i} still matched a rule after {tries} tries"
 
 
 def end_token(session: Session) -> int:

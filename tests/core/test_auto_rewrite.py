@@ -95,3 +95,51 @@ def test_rewrite_steer_on_the_real_model(tmp_path, model_path):
         s.close()
     finally:
         eng.close()
+
+
+def test_later_steers_never_cut_into_an_earlier_rewrite(tmp_path, model_path):
+    """A rewrite is ~16 tokens in one node; the steers after it must roll back by token
+    positions that count each of those tokens (an earlier version counted the whole
+    correction as one token, so every later rollback landed that many tokens too early,
+    inside the earlier correction, and split it into a one-token 'correction' plus tails)."""
+    from steer_tui.core.engine import open_engine
+
+    rule = rewrite_rule(r"\b(?:[Ss]now\w*|[Tt]rees?)\b", max_tokens=16)
+    eng = open_engine(model_path, n_ctx=1024)
+    try:
+        with Session.create(store=tmp_path, prompt="Describe a quiet forest in winter.", model=eng,
+                            sampling={"temperature": 0, "seed": 1}) as s:
+            rep = steer_sample(s, [rule], max_tokens=160)
+            tree = s.tree
+            humans = [n for n in tree.nodes if n.author == "human"]
+            assert rep.steers >= 2, (rep.steers, rep.messages)  # the case: a steer after a rewrite
+            assert [n.kind for n in humans] == ["correction"] * len(humans), "an earlier correction was split"
+            assert all(len(n.tokens) >= 2 for n in humans)
+            view = s.tokens_view()
+            assert rep.response_tokens == len(view)
+            assert rep.text == "".join(t.text for t in view)
+    finally:
+        eng.close()
+
+
+def test_a_rewrite_never_holds_a_word_any_rule_forbids(tmp_path, model_path):
+    """A rewrite is protected from later steers, so if the rewrite of 'bustling' said
+    'vibrant' (another rule's word) that word would be trained as the chosen side: every rule
+    is checked on it. Greedy on this prompt, the bundled model's rewrites of one word reach for
+    the other (checking only the rule that fired let 7 such corrections through)."""
+    from steer_tui.core.engine import open_engine
+
+    rules = parse_rules({"rule": [
+        {"name": w, "pattern": rf"\b[{w[0].upper()}{w[0]}]{w[1:]}\b", "action": "rewrite", "max_tokens": 20}
+        for w in ("vibrant", "bustling")]})
+    eng = open_engine(model_path, n_ctx=1024)
+    try:
+        with Session.create(store=tmp_path, prompt="Describe a busy city market.", model=eng,
+                            sampling={"temperature": 0, "seed": 1}) as s:
+            rep = steer_sample(s, rules, max_tokens=60)
+            rewrites = [n for n in s.tree.nodes if n.author == "human"]
+            assert rewrites, rep.messages
+            for n in rewrites:
+                assert not any(r.pattern.search(n.text) for r in rules), n.text
+    finally:
+        eng.close()
