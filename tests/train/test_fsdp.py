@@ -182,3 +182,57 @@ def test_fsdp2_reference_split_and_empty_batch_rank(tmp_path):
     worst = max(float((torch.tensor(r0["grads"][n]) - g).abs().max() / g.abs().max().clamp_min(1e-12))
                 for n, g in want.items())
     assert worst <= 1e-4
+
+
+# ------------------------------------------------------------------ the end of a steer-train run
+
+
+@pytest.mark.parametrize("ending", ["finished", "nan", "unexpected error"])
+def test_steer_train_destroys_the_process_group_it_started(tmp_path, monkeypatch, ending):
+    """The CLI destroys the process group its run started, whatever the ending, and only after
+    the run's objects are freed (a DDP reducer freed after the group hung ranks at exit): on
+    an unexpected error the traceback's frames are cleared so the trainer can go."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    import train.run
+    from train import cli
+    from train.config import make_config
+    from train.trainer import NonFiniteLoss
+
+    seen: dict = {}
+
+    class Trainer:  # stands for the run's trainer and its DDP/FSDP objects
+        pass
+
+    def run_training(cfg, allow_model_mismatch=False):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+        trainer = Trainer()
+        seen["trainer"] = weakref.ref(trainer)
+        if ending == "nan":
+            raise NonFiniteLoss("loss became nan at step 2; stopping.")
+        if ending == "unexpected error":
+            raise RuntimeError("boom")
+        return {}
+
+    destroy = dist.destroy_process_group
+
+    def recording_destroy(*a, **kw):
+        gc.collect()
+        seen["alive at destroy"] = seen["trainer"]() is not None
+        return destroy(*a, **kw)
+
+    monkeypatch.setattr(train.run, "run_training", run_training)
+    monkeypatch.setattr(dist, "destroy_process_group", recording_destroy)
+    monkeypatch.setattr(cli, "_print_summary", lambda cfg, m: None)
+    cfg = make_config(data=["x"], out=str(tmp_path / "out"))
+    assert not dist.is_initialized()
+    if ending == "unexpected error":
+        with pytest.raises(RuntimeError, match="boom"):
+            cli._run(cfg)
+    else:
+        assert cli._run(cfg) == (0 if ending == "finished" else 3)
+    assert not dist.is_initialized()
+    assert seen["alive at destroy"] is False
