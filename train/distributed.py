@@ -112,9 +112,9 @@ class ShardedForward:
         # only where every rank has one
         with torch.enable_grad() if grad else torch.no_grad(), _adapters_on(self._inner) if grad else _nothing():
             out = self._wrapper(input_ids=ids, use_cache=False).logits
-        if grad:  # joins the backward through the loss (as 0), as the other ranks' real rows do
-            z = out.float().sum() * 0.0
-            self._extra = z if self._extra is None else self._extra + z
+            if grad:  # joins the backward through the loss (as 0), as the other ranks' real rows do
+                z = out.float().sum() * 0.0  # in this block: a reference pass runs under no_grad
+                self._extra = z if self._extra is None else self._extra + z
         del out
 
     def pad(self) -> torch.Tensor | None:

@@ -236,3 +236,31 @@ def test_steer_train_destroys_the_process_group_it_started(tmp_path, monkeypatch
         assert cli._run(cfg) == (0 if ending == "finished" else 3)
     assert not dist.is_initialized()
     assert seen["alive at destroy"] is False
+
+
+def test_padding_forward_with_grad_runs_through_the_adapter_even_inside_the_reference():
+    """A rank inside a reference pass (adapter off) that pads another rank's forward with grad
+    must still give its LoRA weights a gradient: FSDP reduce-scatters only the parameters that
+    have one, and the other rank's real rows give them one. After it, the adapter is off again."""
+    from tests.train.tiny import tiny_llama
+    from train.config import make_config
+    from train.distributed import ShardedForward
+    from train.model_setup import build_peft_model
+    from train.reference import reference_mode
+
+    model = build_peft_model(tiny_llama(), make_config(data=["x"], out="o", lora_r=4, lora_dropout=0.0))
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    fwd = ShardedForward(model, model, "cpu")
+    ids = torch.tensor([[1, 2, 3]])
+    base = model(input_ids=ids).logits  # lora_B = 0: the adapter adds nothing yet
+    with torch.no_grad():
+        for p in lora:
+            p.add_(0.1)
+    with torch.no_grad(), reference_mode(fwd):
+        fwd._dummy(grad=True)
+        assert torch.allclose(fwd(input_ids=ids).logits, base)  # still the base model here
+    extra = fwd.pad()
+    assert extra is not None and float(extra) == 0.0
+    extra.backward()
+    assert all(p.grad is not None for p in lora)  # zeros, but there: the reduce-scatter matches
+    assert not torch.allclose(model(input_ids=ids).logits, base)  # the adapter is back on outside
