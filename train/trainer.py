@@ -30,7 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from train.batching import Batch
 from train.config import TrainConfig
 from train.data import TaskExample
-from train.distributed import ShardedForward, shards_parameters
+from train.distributed import ShardedForward, gathered_lora_state, shards_parameters
 from train.losses import (chosen_nll, dpo_loss, dpo_metrics, full_reference_kl, pad_logps, reference_kl, span_logps,
                           weighted_nll)
 from train.logprobs import token_logprobs
@@ -118,6 +118,18 @@ class SteerTrainer(Trainer):
             return
         for ds in datasets:
             self.reference.fill(self.model, ds, self.steer_config, self.sft_reference, self.use_pairs, shard=True)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP (checkpoints included) gather only the LoRA tensors, on every rank at once,
+        and write them from rank 0 (`train.distributed.gathered_lora_state`); transformers'
+        own FSDP path gathers every weight of the model to rank 0 to save the adapter."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type != DistributedType.FSDP:
+            return super().save_model(output_dir, _internal_call)
+        lora = gathered_lora_state(self)
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=lora)
 
     def _models(self, model) -> tuple[Any, Any]:
         """``(inner, fwd)``: the unwrapped model, and what to call for a forward. Without

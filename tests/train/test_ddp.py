@@ -133,6 +133,8 @@ def test_fsdp2_config_on_two_cpu_processes(ddp_run, tmp_path):
         assert got[k].shape == v.shape, k  # whole tensors, not one rank's shard
         assert torch.allclose(got[k], v, atol=1e-4), (k, float((got[k] - v).abs().max()))
     assert max(float(v.abs().max()) for k, v in got.items() if "lora_B" in k) > 1e-3  # trained
+    ckpt = load_file(out / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors")  # gathered too
+    assert sorted(ckpt) == sorted(got) and all(torch.equal(ckpt[k], got[k]) for k in got)
     loaded = PeftModel.from_pretrained(tiny_llama(), str(out))
     for name, p in loaded.named_parameters():
         if "lora_" in name:
