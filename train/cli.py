@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from train.config import (ATTN_IMPLS, KL_MODES, LOSS_TYPES, OBJECTIVES, PACKINGS, ConfigError, TrainConfig, load_toml,
@@ -165,35 +166,51 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> int:
-    from train.data import DataError
-    from train.modeling import ModelError
-
     try:
-        from train.check import ModelMismatch
-        from train.memory import MemoryRefused
-        from train.run import is_main_process, run_training
-        from train.trainer import NonFiniteLoss
+        import torch.distributed as dist
+
+        from train.distributed import finish_process_group
+        from train.run import is_main_process
     except ImportError as exc:
         return _fail(f"the training extra is not installed ({exc}); run `pip install 'steer[train]'`")
+    had_group = dist.is_available() and dist.is_initialized()
     try:
-        metrics = run_training(cfg, allow_model_mismatch=allow_model_mismatch)
+        code, metrics = _train(cfg, allow_model_mismatch)
+    finally:  # the run's objects are gone by now (an error in flight had its frames cleared)
+        finish_process_group(had_group)
+    if code == 0 and is_main_process():
+        _print_summary(cfg, metrics)
+    return code
+
+
+def _train(cfg: TrainConfig, allow_model_mismatch: bool) -> tuple[int, dict]:
+    """`train.run.run_training` with its errors turned into exit codes: ``(code, metrics)``.
+    An unexpected error is raised with the frames of the run cleared, so the trainer and its
+    DDP/FSDP objects are freed before `_run` destroys the process group."""
+    from train.check import ModelMismatch
+    from train.data import DataError
+    from train.memory import MemoryRefused
+    from train.modeling import ModelError
+    from train.run import run_training
+    from train.trainer import NonFiniteLoss
+
+    try:
+        return 0, run_training(cfg, allow_model_mismatch=allow_model_mismatch)
     except ModelMismatch as exc:
-        return _fail(str(exc), 4)
+        return _fail(str(exc), 4), {}
     except (DataError, ModelError, ConfigError) as exc:
-        return _fail(str(exc))
+        return _fail(str(exc)), {}
     except MemoryRefused as exc:
-        return _fail(str(exc), 3)
+        return _fail(str(exc), 3), {}
     except NonFiniteLoss as exc:
-        return _fail(str(exc), 3)
+        return _fail(str(exc), 3), {}
     except Exception as exc:  # OOM has no common base class across backends
         if _is_oom(exc):
             return _fail(
                 f"out of memory ({type(exc).__name__}). Try --batch-size 1, --token-budget 1024, "
-                "--gradient-checkpointing, --max-length, a smaller --lora-r, or --packing tree", 3)
+                "--gradient-checkpointing, --max-length, a smaller --lora-r, or --packing tree", 3), {}
+        traceback.clear_frames(exc.__traceback__)
         raise
-    if is_main_process():
-        _print_summary(cfg, metrics)
-    return 0
 
 
 def _is_oom(exc: BaseException) -> bool:

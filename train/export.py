@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,13 @@ def _permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def lora_state(peft_model) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, int]:
-    """``{hf_weight_name: (A [r, in], B [out, r])}``, alpha and r of the (single) adapter."""
+def lora_state(peft_model, state: dict[str, torch.Tensor] | None = None
+               ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, int]:
+    """``{hf_weight_name: (A [r, in], B [out, r])}``, alpha and r of the (single) adapter.
+
+    ``state``: the LoRA tensors gathered from the ranks of an FSDP/ZeRO-3 run (peft
+    state-dict keys, `train.distributed.gathered_lora_state`), read instead of the model's
+    own (sharded) weights."""
     from peft.tuners.lora import LoraLayer
 
     name = peft_model.active_adapter if isinstance(peft_model.active_adapter, str) else peft_model.active_adapter[0]
@@ -69,6 +75,11 @@ def lora_state(peft_model) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]]
         raise ExportError("rsLoRA/DoRA adapters cannot be expressed in llama.cpp's LoRA format")
     if pc.rank_pattern or pc.alpha_pattern:
         raise ExportError("per-module rank/alpha patterns are not supported by the GGUF export")
+    if state is not None:
+        out = _lora_pairs(state, name)
+        if not out:
+            raise ExportError("the gathered state dict has no LoRA weights to export")
+        return out, float(pc.lora_alpha), int(pc.r)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     base = peft_model.get_base_model()
     for mod_name, mod in base.named_modules():
@@ -83,14 +94,32 @@ def lora_state(peft_model) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]]
     return out, float(pc.lora_alpha), int(pc.r)
 
 
+def _lora_pairs(state: dict[str, torch.Tensor], adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{hf_weight_name: (A, B)}`` from peft state-dict keys
+    (``base_model.model.<module>.lora_A.<adapter>.weight``, the adapter name kept or not)."""
+    out = {}
+    pat = re.compile(rf"(?:base_model\.model\.)?(.+)\.lora_A(?:\.{re.escape(adapter)})?\.weight")
+    for key, a in state.items():
+        if ".lora_embedding_" in key:
+            raise ExportError(f"LoRA on the embedding ({key!r}) is not supported by the GGUF export")
+        m = pat.fullmatch(key)
+        if m is None:
+            continue
+        b_key = key[: m.end(1)] + key[m.end(1) :].replace("lora_A", "lora_B", 1)
+        if b_key not in state:
+            raise ExportError(f"the gathered LoRA has {key!r} but no {b_key!r}")
+        out[f"{m.group(1)}.weight"] = (a.detach().float().cpu(), state[b_key].detach().float().cpu())
+    return out
+
+
 def export_lora_gguf(peft_model, path: str | os.PathLike[str], *, arch: str | None = None,
-                     permute_qk: bool | None = None) -> Path:
+                     permute_qk: bool | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``path`` (llama.cpp LoRA GGUF) from a PEFT model; returns the path.
 
     ``arch``: the base GGUF's ``general.architecture`` (default: derived from the HF
     ``model_type``). ``permute_qk``: None (default) permutes the q/k rows where the converter
     does (the architecture decides); True/False force it on/off (only for tests that show it
-    matters)."""
+    matters). ``state``: gathered LoRA tensors to write instead of the model's (`lora_state`)."""
     import gguf
 
     cfg = peft_model.get_base_model().config
@@ -101,7 +130,7 @@ def export_lora_gguf(peft_model, path: str | os.PathLike[str], *, arch: str | No
         raise ExportError(f"gguf-py does not know the architecture {arch!r}") from None
     n_blocks = int(cfg.num_hidden_layers)
     tmap = gguf.get_tensor_name_map(model_arch, n_blocks)
-    tensors, alpha, r = lora_state(peft_model)
+    tensors, alpha, r = lora_state(peft_model, state)
     n_head = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head)

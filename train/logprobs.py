@@ -214,7 +214,11 @@ class _Unfusable(Exception):
 
 def lm_head_of(model, chunk: int | None = None) -> tuple[torch.nn.Module, LMHead] | None:
     """The output layer of `model` and its `LMHead`, when it is a plain ``nn.Linear`` (not
-    wrapped by an adapter) and the model has not been found to transform its output; else None."""
+    wrapped by an adapter) and the model has not been found to transform its output; else None.
+    None too for a model whose parameters are sharded between forwards (FSDP, ZeRO-3:
+    ``params_sharded``), since the chunked path reads the layer's weight after the forward."""
+    if getattr(model, "params_sharded", False) is True:
+        return None
     base = _base(model)
     get = getattr(base, "get_output_embeddings", None)
     module = get() if callable(get) else None

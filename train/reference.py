@@ -17,6 +17,7 @@ import torch
 from train.batching import Batch
 from train.config import TrainConfig
 from train.data import TaskExample
+from train.distributed import ShardedForward
 from train.logprobs import token_logprobs
 
 
@@ -60,7 +61,8 @@ class ReferenceCache:
 
         ``shard`` (every rank calls it with the same tasks): under torch.distributed each rank
         computes every world-size-th task and the ranks exchange their results, so each
-        log-prob is computed once, not once per rank."""
+        log-prob is computed once, not once per rank. A `ShardedForward` model (FSDP/ZeRO-3)
+        is padded to the busiest rank's forwards before the exchange."""
         todo = [t for t in tasks if any(k not in self.logps for k in Batch([t], use_sft=use_sft, use_pairs=use_pairs).keys)]
         dist = torch.distributed
         world = dist.get_world_size() if shard and dist.is_available() and dist.is_initialized() else 1
@@ -77,6 +79,8 @@ class ReferenceCache:
                                      fallback=True)
                 for k, lp in zip(b.keys, out):
                     self.logps[k] = lp.detach().float().cpu()
+        if world > 1 and isinstance(model, ShardedForward):
+            model.pad()  # the weight gathers of every forward are collectives too
         if world > 1:
             mine = {k: v for k, v in self.logps.items() if k not in before}
             gathered: list = [None] * world

@@ -22,6 +22,7 @@ from train import data as D
 from train.batching import Batch
 from train.config import TrainConfig
 from train.data import TaskExample
+from train.distributed import ShardedForward, describe, gathered_lora_state
 from train.evaluate import evaluate_tasks
 from train.export import ExportError, export_lora_gguf, merge_and_save
 from train.memory import check_memory
@@ -121,8 +122,12 @@ def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dic
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     train_s = time.time() - t_train
-    evaluation = evaluate_tasks(trainer.model, eval_tasks, beta=cfg.beta, packing=cfg.packing,
+    scorer = trainer.scoring_model()  # every rank scores every held-out task (FSDP: in step)
+    evaluation = evaluate_tasks(scorer, eval_tasks, beta=cfg.beta, packing=cfg.packing,
                                 token_budget=cfg.token_budget) if eval_tasks else None
+    if isinstance(scorer, ShardedForward):
+        scorer.pad()
+    lora = gathered_lora_state(trainer)  # FSDP/ZeRO-3: a collective, every rank; else None
     meta = source_metadata(where) if source.kind == "gguf" else {}
     metrics: dict[str, Any] = {
         "model": {"source": source.path, "kind": source.kind, "sha256": source.sha256, "loaded_from": str(where),
@@ -133,19 +138,21 @@ def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dic
         "attn_implementation": attn,
         "memory_estimate": memory,
         "train": {"global_step": trainer.state.global_step, "world_size": trainer.args.world_size, "train_loss": float(result.training_loss),
-                  "seconds": round(train_s, 2), "steps_per_second": round(trainer.state.global_step / max(train_s, 1e-9), 4)},
+                  "seconds": round(train_s, 2), "steps_per_second": round(trainer.state.global_step / max(train_s, 1e-9), 4),
+                  **describe(trainer.accelerator)},
         "history": trainer.history,
         "eval": evaluation,
         "eval_tasks": [t.task for t in eval_tasks],
     }
     if trainer.is_world_process_zero():
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        unwrapped.save_pretrained(out, safe_serialization=True)
+        # sharded: the gathered LoRA, not this rank's shards of it
+        unwrapped.save_pretrained(out, safe_serialization=True, **({"state_dict": lora} if lora is not None else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(out / "tokenizer")
         if cfg.export_gguf:
             try:
-                export_lora_gguf(unwrapped, out / "adapter.gguf", arch=meta.get("architecture"))
+                export_lora_gguf(unwrapped, out / "adapter.gguf", arch=meta.get("architecture"), state=lora)
                 metrics["adapter_gguf"] = str(out / "adapter.gguf")
                 if source.kind == "gguf":  # Ollama: FROM the base GGUF, ADAPTER ours
                     from train.modelfile import write_modelfile
@@ -154,7 +161,11 @@ def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dic
             except (ExportError, OSError, ValueError) as exc:  # the PEFT adapter is still useful
                 log.error("adapter.gguf export failed: %s", exc)
                 metrics["adapter_gguf_error"] = str(exc)
-        if cfg.merge:
+        if cfg.merge and lora is not None:  # this rank holds shards of the base weights only
+            log.error("--merge: not under FSDP/ZeRO-3 (the base weights are sharded); merge the saved adapter "
+                      "in a single process")
+            metrics["merged_error"] = "not under FSDP/ZeRO-3"
+        elif cfg.merge:
             metrics["merged"] = str(merge_and_save(unwrapped, tokenizer, out / "merged"))
         plot_history(trainer.history, out / "training.png")
         metrics["seconds"] = round(time.time() - t0, 2)

@@ -7,7 +7,9 @@
   ``token_logprobs`` call per micro-batch, and combines the loss terms of ``train.losses``.
 * Reference log-probs come from the same model with the LoRA adapter disabled
   (`train.reference`), computed once before training and cached per example.
-* Because it is a plain ``Trainer``, ``accelerate launch`` / ``torchrun`` (DDP) work.
+* Because it is a plain ``Trainer``, ``accelerate launch`` / ``torchrun`` (DDP) work. Under
+  FSDP/ZeRO-3 (parameters sharded between forwards) every forward, the reference's too, goes
+  through the wrapper and the ranks forward equally often (`train.distributed`).
 
 A whole ``steer-train`` run (data, model, outputs) is `train.run.run_training`.
 """
@@ -28,6 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from train.batching import Batch
 from train.config import TrainConfig
 from train.data import TaskExample
+from train.distributed import ShardedForward, gathered_lora_state, shards_parameters
 from train.losses import (chosen_nll, dpo_loss, dpo_metrics, full_reference_kl, pad_logps, reference_kl, span_logps,
                           weighted_nll)
 from train.logprobs import token_logprobs
@@ -72,9 +75,6 @@ class _ForwardThrough:
 # ----------------------------------------------------------------------------- trainer
 
 
-# ----------------------------------------------------------------------------- trainer
-
-
 class SteerTrainer(Trainer):
     """``Trainer`` whose loss is masked SFT + localized DPO + reference KL on steer trees."""
 
@@ -85,6 +85,8 @@ class SteerTrainer(Trainer):
         self.reference = reference or ReferenceCache()
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.history: list[dict[str, float]] = []
+        self._pending_reference: list[Sequence[TaskExample]] = []
+        self._sharded_fwd: ShardedForward | None = None
 
     @property
     def use_sft(self) -> bool:
@@ -101,10 +103,52 @@ class SteerTrainer(Trainer):
         reads them (the full KL recomputes whole rows each step)."""
         return self.steer_config.token_kl
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are sharded between forwards (FSDP 1/2, ZeRO-3)."""
+        return shards_parameters(self.accelerator)
+
     def prepare_reference(self, *datasets: Sequence[TaskExample]) -> None:
-        model = self.model
+        """Reference log-probs of ``datasets``, each computed once, split across the ranks.
+        Under FSDP/ZeRO-3 they are computed at the first training step instead, through the
+        wrapped model: before ``train()`` wraps it a rank's copy may be on the CPU or (with
+        RAM-efficient loading) empty."""
+        if self.sharded:
+            self._pending_reference.extend(datasets)
+            return
         for ds in datasets:
-            self.reference.fill(model, ds, self.steer_config, self.sft_reference, self.use_pairs, shard=True)
+            self.reference.fill(self.model, ds, self.steer_config, self.sft_reference, self.use_pairs, shard=True)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP (checkpoints included) gather only the LoRA tensors, on every rank at once,
+        and write them from rank 0 (`train.distributed.gathered_lora_state`); transformers'
+        own FSDP path gathers every weight of the model to rank 0 to save the adapter."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type != DistributedType.FSDP:
+            return super().save_model(output_dir, _internal_call)
+        lora = gathered_lora_state(self)
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=lora)
+
+    def _models(self, model) -> tuple[Any, Any]:
+        """``(inner, fwd)``: the unwrapped model, and what to call for a forward. Without
+        sharding the reference passes call ``inner`` (no collective: a rank's DDP wrapper
+        broadcasts buffers at a forward, which the other ranks would not join); with it
+        everything calls ``fwd`` (a `ShardedForward` over the wrapper)."""
+        inner = self.accelerator.unwrap_model(model)
+        if self.sharded:
+            f = self._sharded_fwd
+            if f is None or f._wrapper is not model:
+                f = self._sharded_fwd = ShardedForward(model, inner, self.args.device)
+            return inner, f
+        return inner, (inner if model is inner else _ForwardThrough(model, inner))
+
+    def scoring_model(self):
+        """The model to score with outside a training step (held-out evaluation): the
+        trained model, or under FSDP/ZeRO-3 a `ShardedForward` over its wrapper (every rank
+        must then score the same examples; `ShardedForward.pad` after)."""
+        return self._models(self.model_wrapped)[1] if self.sharded else self.model
 
     # -- loss ------------------------------------------------------------------------------
     def training_step(self, *args, **kwargs):
@@ -125,24 +169,29 @@ class SteerTrainer(Trainer):
         time, the gradient is the whole batch's, and each rank syncs once per step."""
         cfg = self.steer_config
         tasks: list[TaskExample] = inputs["tasks"]
-        inner = self.accelerator.unwrap_model(model)
-        fwd = inner if model is inner else _ForwardThrough(model, inner)
+        inner, fwd = self._models(model)
+        ref_model = fwd if self.sharded else inner
+        while self._pending_reference:  # under FSDP/ZeRO-3: the first step, every rank at once
+            self.reference.fill(fwd, self._pending_reference.pop(0), cfg, self.sft_reference, self.use_pairs,
+                                shard=True)
         batch = Batch(tasks, use_sft=self.use_sft, use_pairs=self.use_pairs)
         missing = [k for k in batch.keys if k not in self.reference and (self.sft_reference or k[1] != "sft")]
         if missing:  # examples not seen by prepare_reference (e.g. a custom dataset)
-            self.reference.fill(inner, tasks, cfg, self.sft_reference, self.use_pairs)
+            self.reference.fill(ref_model, tasks, cfg, self.sft_reference, self.use_pairs)
         if not batch.sequences:
             # Nothing to learn here, but under DDP the other ranks' backward waits for this
             # rank's gradient all-reduce, which only a forward through the wrapper arms: forward
             # two tokens and return 0 with their graph. The finite check's all_reduce likewise.
             lp = token_logprobs(fwd, [[0, 0]], packing=cfg.packing, token_budget=cfg.token_budget, fallback=True)[0]
-            loss = lp.sum() * 0.0
+            loss = self._padded(fwd, lp.sum() * 0.0)
             self._check_finite(loss)
             return (loss, {}) if return_outputs else loss
         norms = batch.norms()
         micro = batch.split(cfg.token_budget, cfg.packing)
+        # one backward per step under DeepSpeed and FSDP/ZeRO-3 (there every rank must run as
+        # many forwards and backwards as the others; the padding evens out only forwards)
         early = (getattr(self, "_stepping", False) and len(micro) > 1 and torch.is_grad_enabled()
-                 and self.accelerator.distributed_type != DistributedType.DEEPSPEED)
+                 and self.accelerator.distributed_type != DistributedType.DEEPSPEED and not self.sharded)
         done = None  # values of the micro-batches whose backward already ran
         total = None
         metrics: dict[str, float] = defaultdict(float)
@@ -150,7 +199,7 @@ class SteerTrainer(Trainer):
             last = k == len(micro) - 1
             sync = contextlib.nullcontext() if last or not early else self.accelerator.no_sync(model)
             with sync:
-                terms = self.micro_loss(inner, fwd, mb, norms)
+                terms = self.micro_loss(ref_model, fwd, mb, norms)
                 loss = terms.pop("loss")
                 for key, v in terms.items():
                     metrics[key] += float(v)
@@ -162,10 +211,18 @@ class SteerTrainer(Trainer):
             total = loss if total is None else total + loss
         if done is not None:  # the value of the whole batch; the gradient of the last micro-batch
             total = total + done
+        total = self._padded(fwd, total)
         self._check_finite(total)
         for key, v in metrics.items():
             self._metrics[key].append(v)
         return (total, {}) if return_outputs else total
+
+    @staticmethod
+    def _padded(fwd, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` plus the zero-valued padding forwards of a `ShardedForward` (a no-op for
+        other models), so this rank forwards and back-propagates as often as the others."""
+        extra = fwd.pad() if isinstance(fwd, ShardedForward) else None
+        return loss if extra is None else loss + extra.to(loss.device)
 
     def _ga_divisor(self, num_items_in_batch) -> float:
         """What ``Trainer.training_step`` divides the returned loss by before its backward."""
@@ -176,7 +233,8 @@ class SteerTrainer(Trainer):
         return 1.0 if scaled else float(getattr(self, "current_gradient_accumulation_steps", 1) or 1)
 
     def micro_loss(self, inner, fwd, batch: Batch, norms: dict[str, float]) -> dict[str, Any]:
-        """One micro-batch: forward, reference rows, loss terms (its share of the batch's)."""
+        """One micro-batch: forward, reference rows, loss terms (its share of the batch's).
+        ``inner`` runs the reference (adapter-disabled) forward, ``fwd`` the policy's."""
         cfg = self.steer_config
         full_kl = cfg.full_kl and bool(batch.sft_idx)
         dists = None
