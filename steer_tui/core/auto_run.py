@@ -154,7 +154,6 @@ def steer_sample(
                 report.messages.append(f"rule {hit.rule.name!r}: {why}; giving up on this sample")
                 report.end = "gave-up"
                 break
-        before = "".join(pieces[:i])
         token_prefix = text[starts[i] : hit.start]
         session.rollback(i)
         pieces = pieces[:i]
