@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from train.chunked import chunk_rows
+from train.quant import NF4_BYTES_PER_WEIGHT, bnb_problem, is_4bit, nf4_weight_bytes, quantizable, quantized_bytes
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +204,9 @@ def estimate_memory(model, *, tokens: int, device=None, kl: bool = True, packing
     """Estimate the peak memory of a training step of ``tokens`` tokens (see module doc)."""
     params = list(model.parameters())
     dev = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    four = is_4bit(model)
     weights = sum(p.numel() * p.element_size() for p in params) + \
-        sum(b.numel() * b.element_size() for b in model.buffers())
+        sum(b.numel() * b.element_size() for b in model.buffers()) + (quantized_bytes(model) if four else 0)
     trainable = [p for p in params if p.requires_grad]
     # gradient (param dtype) + AdamW exp_avg + exp_avg_sq (param dtype)
     state = sum(3 * p.numel() * p.element_size() for p in trainable)
@@ -228,10 +230,42 @@ def estimate_memory(model, *, tokens: int, device=None, kl: bool = True, packing
         activations = full
     vocab = int(getattr(cfg, "vocab_size", 0) or 0)
     head = 4 * min(chunk_rows(vocab), tokens) * vocab * 4 if vocab else 0
-    transient = int(2 * per_layer + head)
+    transient = int(2 * per_layer + head + (_dequantized_weight(model) if four else 0))
     return MemoryEstimate(device=str(dev), tokens=int(tokens), weights=int(weights), trainable_state=int(state),
                           activations=int(activations), transient=transient, available=available_bytes(dev),
                           notes=notes)
+
+
+def _dequantized_weight(model) -> int:
+    """bitsandbytes dequantizes one NF4 weight at a time to the compute dtype for each matmul
+    (forward and backward): the largest such weight is held on top of everything else."""
+    best = 0
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            best = max(best, int(np.prod(qs.shape)) * torch.empty(0, dtype=qs.dtype).element_size())
+    return best
+
+
+def qlora_peak(model, est: MemoryEstimate) -> int:
+    """The estimated peak of the same step with the base loaded in 4-bit (``--load-in-4bit``):
+    the quantizable Linear weights in NF4, the rest as now, plus one dequantized weight."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = list(base.parameters())
+    dtype = params[0].dtype if params else torch.float32
+    lin = quantizable(base)
+    largest = max((m.weight.numel() for _, m in lin), default=0) * torch.empty(0, dtype=dtype).element_size()
+    return nf4_weight_bytes(model, dtype) + est.trainable_state + est.activations + est.transient + largest
+
+
+def _qlora_tip(model, est: MemoryEstimate, room_without_weights: float) -> str:
+    peak = qlora_peak(model, est)
+    if peak > room_without_weights:
+        return f"not --load-in-4bit alone (QLoRA: estimated peak {peak / GiB:.2f} GiB)"
+    why = bnb_problem(est.device)
+    note = f" ({why})" if why else ""
+    return f"--load-in-4bit (QLoRA, NF4 base at {NF4_BYTES_PER_WEIGHT:.3f} bytes/weight: estimated peak " \
+           f"{peak / GiB:.2f} GiB){note}"
 
 
 def suggest(model, est: MemoryEstimate, *, kl: bool, packing: str, gradient_checkpointing: bool) -> list[str]:
@@ -253,7 +287,10 @@ def suggest(model, est: MemoryEstimate, *, kl: bool, packing: str, gradient_chec
     if not gradient_checkpointing:
         e = estimate_memory(model, tokens=est.tokens, kl=kl, packing=packing, gradient_checkpointing=True)
         out.append(f"--gradient-checkpointing (estimated peak {e.peak / GiB:.2f} GiB)")
-    out.append("a 4-bit base model (QLoRA) on a CUDA GPU, or a smaller model")
+    if not is_4bit(model):
+        # a 4-bit run loads afresh: the weights resident now are not there
+        out.append(_qlora_tip(model, est, HEADROOM * est.available + est.weights))
+    out.append("a smaller model")
     return out
 
 

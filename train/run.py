@@ -27,6 +27,7 @@ from train.export import ExportError, export_lora_gguf, merge_and_save
 from train.memory import check_memory
 from train.model_setup import build_peft_model, set_attn_impl, weights_dtype
 from train.modeling import load_model, resolve_model, source_metadata, tokenizer_vocab_sha256
+from train.quant import compute_dtype
 from train.retokenize import VocabCheck
 from train.trainer import StopOnNonFinite, SteerTrainer, TaskDataset, last_checkpoint, training_arguments
 
@@ -88,9 +89,18 @@ def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dic
     set_seed(cfg.seed)
     rep = D.load_trees(cfg.data)
     source = resolve_model(cfg.model, D.tree_models(rep.trees))
-    model, tokenizer, where = load_model(source, dtype=weights_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
+    dtype = compute_dtype(cfg) if cfg.load_in_4bit else weights_dtype(cfg)
+    model, tokenizer, where = load_model(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                         load_in_4bit=cfg.load_in_4bit)
     model_check = None
-    if source.kind == "gguf" and is_main_process():
+    if source.kind == "gguf" and is_main_process() and cfg.load_in_4bit:
+        # NF4 moves the base model's log-probs by far more than the check's threshold, so
+        # comparing it with llama.cpp would say nothing about the conversion
+        model_check = {"skipped": "--load-in-4bit: the check compares a full-precision model with llama.cpp; "
+                                  f"run `steer-train check-model {source.path}`"}
+        log.warning("model check skipped under --load-in-4bit; `steer-train check-model %s` checks the conversion",
+                    source.path)
+    elif source.kind == "gguf" and is_main_process():
         from train.check import pretraining_check
 
         model_check = pretraining_check(model, source.path, source_metadata(where),
@@ -126,7 +136,7 @@ def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dic
     meta = source_metadata(where) if source.kind == "gguf" else {}
     metrics: dict[str, Any] = {
         "model": {"source": source.path, "kind": source.kind, "sha256": source.sha256, "loaded_from": str(where),
-                  "check": model_check},
+                  "check": model_check, "weights": "nf4" if cfg.load_in_4bit else ("bfloat16" if dtype is not None else "float32")},
         "data": ds.summary(),
         "bad_files": ds.errors,
         "config": cfg.to_dict(),
