@@ -40,6 +40,10 @@ NF4_BLOCK = 64
 #: + an fp32 second-level absmax per 256 blocks
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * 256)
 
+#: fixed bytes per NF4 weight tensor: its 16-value code book, the nested 256-value one (fp32)
+#: and the nested offset
+NF4_STATE_BYTES = (16 + 256) * 4 + 4
+
 PIP_HINT = "pip install bitsandbytes"
 
 
@@ -122,11 +126,11 @@ def quantized_bytes(model) -> int:
     total, seen = 0, set()
     for p in model.parameters():
         qs = getattr(p, "quant_state", None)
-        if qs is None or id(qs) in seen:
-            continue
-        seen.add(id(qs))
-        for t in _state_tensors(qs):
-            total += t.numel() * t.element_size()
+        for t in _state_tensors(qs) if qs is not None else ():
+            key = (t.device, t.untyped_storage().data_ptr())  # the code books are shared
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
     return total
 
 
@@ -160,7 +164,7 @@ def nf4_weight_bytes(model, dtype: torch.dtype) -> int:
             continue
         seen.add(id(p))
         if id(p) in q_ids and type(p).__name__ != "Params4bit":
-            total += int(p.numel() * NF4_BYTES_PER_WEIGHT)
+            total += int(p.numel() * NF4_BYTES_PER_WEIGHT) + NF4_STATE_BYTES
         elif type(p).__name__ == "Params4bit":
             total += p.numel() * p.element_size()
         elif p.is_floating_point():
