@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from transformers import set_seed
 
 from train import data as D
-from train.batching import Batch
+from train.batching import Batch, forwarded_tokens
 from train.config import TrainConfig
 from train.data import TaskExample
 from train.evaluate import evaluate_tasks
@@ -46,12 +46,16 @@ def _memory_check(trainer, tasks: Sequence[TaskExample]) -> dict[str, Any]:
     The micro-batch is ``--token-budget`` tokens, or the longest sequence when one is longer
     (it gets a row of its own)."""
     cfg = trainer.steer_config
-    longest = max((len(s) for t in tasks for s in Batch([t], use_sft=trainer.use_sft,
-                                                        use_pairs=trainer.use_pairs).sequences), default=0)
+    kw = dict(use_sft=trainer.use_sft, use_pairs=trainer.use_pairs)
+    longest = max((len(s) for t in tasks for s in Batch([t], **kw).sequences), default=0)
+    # can a step run in several micro-batches? (the largest tasks in one batch)
+    size = {id(t): forwarded_tokens(Batch([t], **kw).sequences, cfg.packing, cfg.token_budget) for t in tasks}
+    biggest = sorted(tasks, key=lambda t: size[id(t)], reverse=True)[:cfg.batch_size]
+    several = len(Batch(biggest, **kw).split(cfg.token_budget, cfg.packing)) > 1 if biggest else False
     est = check_memory(trainer.accelerator.unwrap_model(trainer.model), tokens=max(cfg.token_budget, longest),
                        kl=cfg.full_kl, packing=cfg.packing, gradient_checkpointing=cfg.gradient_checkpointing,
                        device=trainer.args.device, force=not cfg.memory_check,
-                       report=trainer.is_world_process_zero())
+                       report=trainer.is_world_process_zero(), micro_batches=several)
     return est.metrics()
 
 
