@@ -27,6 +27,7 @@ that changes, measured by ``bench/qlora_fidelity.py``).
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,10 @@ def require_bnb(device: str | torch.device | None = None) -> None:
 
 
 def default_device() -> torch.device:
-    return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+    """This rank's GPU (``LOCAL_RANK`` under torchrun / accelerate), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return torch.device("cpu")
 
 
 def compute_dtype(cfg: TrainConfig | None = None) -> torch.dtype:
