@@ -138,3 +138,27 @@ def test_qlora_trains_two_steps_exports_and_merges_what_was_trained(tmp_path, ca
         requant = trained.merge_and_unload()(input_ids=ids).logits
     assert (requant - want).abs().max() > 10 * (got - want).abs().max()
     assert merge_dequantized  # the function --merge uses for a 4-bit base
+
+
+@needs_nf4
+def test_a_gguf_model_trains_in_4bit_with_the_llama_cpp_check_skipped(tmp_path, capsys, caplog):
+    """A GGUF source: its converted directory is what gets quantized; the pre-training check
+    (full precision vs llama.cpp) is skipped with a warning and recorded, the adapter.gguf and
+    Modelfile are written as without 4-bit."""
+    pytest.importorskip("llama_cpp")
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "bench"))
+    try:
+        from qlora_fidelity import tiny_gguf
+    finally:
+        sys.path.pop(0)
+    from steer_tui.core.models import default_model_path
+
+    gguf = tiny_gguf(tmp_path / "tiny.gguf", default_model_path())
+    data = write_trees(tmp_path / "trees", n_tasks=2)
+    rc = main(["--data", str(data), "--model", str(gguf), "--out", str(tmp_path / "out"), "--eval-fraction", "0",
+               "--no-progress", "--max-steps", "1", "--load-in-4bit"])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["model"]["weights"] == "nf4" and "check-model" in m["model"]["check"]["skipped"]
+    assert "model check skipped under --load-in-4bit" in caplog.text
+    assert (tmp_path / "out" / "adapter.gguf").stat().st_size > 0 and (tmp_path / "out" / "Modelfile").is_file()
