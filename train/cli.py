@@ -79,6 +79,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-memory-check", dest="memory_check", action="store_false", default=None,
                    help="train even when the estimated peak memory exceeds what the device has free")
     p.add_argument("--fp32", dest="bf16", action="store_false", default=None, help="no bf16 even on a GPU")
+    p.add_argument("--load-in-4bit", action="store_true", default=None,
+                   help="QLoRA: load the frozen base weights in 4-bit NF4 (bitsandbytes: `pip install bitsandbytes`); "
+                   "the adapter still exports for the GGUF")
     p.add_argument("--resume", action="store_true", default=None)
     p.add_argument("--merge", action="store_true", default=None, help="also write a merged HF model to OUT/merged")
     p.add_argument("--no-gguf", dest="export_gguf", action="store_false", default=None)

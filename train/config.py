@@ -98,6 +98,7 @@ class TrainConfig:
     attn_impl: str = "auto"  # one of ATTN_IMPLS (see train.model_setup.resolve_attn_impl)
     memory_check: bool = True  # estimate the peak memory before training and refuse when it cannot fit
     bf16: bool | None = None  # None: bf16 on a CUDA GPU that supports it, fp32 otherwise
+    load_in_4bit: bool = False  # QLoRA: frozen base Linear weights in bitsandbytes NF4 (train.quant)
     save_steps: int = 50
     save_total_limit: int = 2
     logging_steps: int = 1

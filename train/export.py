@@ -169,12 +169,32 @@ def export_lora_gguf(peft_model, path: str | os.PathLike[str], *, arch: str | No
 
 
 def merge_and_save(peft_model, tokenizer, out_dir: str | os.PathLike[str]) -> Path:
-    """Merged full model (safetensors) + tokenizer in ``out_dir``. Leaves ``peft_model`` intact."""
+    """Merged full model (safetensors) + tokenizer in ``out_dir``. Leaves ``peft_model`` intact.
+
+    A 4-bit (QLoRA) base is never merged in place: peft would add the LoRA delta to the
+    dequantized weight and quantize the sum to NF4 again, rounding most of the delta away.
+    Instead the NF4 weights are dequantized into a plain copy (the base the adapter was trained
+    on) and ``W + (alpha / r) B A`` is added in fp32 (`merge_dequantized`)."""
     import copy
 
-    merged = copy.deepcopy(peft_model).merge_and_unload()
+    from train.quant import is_4bit
+
+    merged = merge_dequantized(peft_model) if is_4bit(peft_model) else copy.deepcopy(peft_model).merge_and_unload()
     out = Path(out_dir)
     merged.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def merge_dequantized(peft_model):
+    """A plain model: the 4-bit base dequantized (fp32), plus every LoRA delta ``(alpha / r) B A``."""
+    from train.quant import dequantized_model
+
+    tensors, alpha, r = lora_state(peft_model)
+    plain = dequantized_model(peft_model.get_base_model(), torch.float32)
+    with torch.no_grad():
+        for name, (a, b) in tensors.items():
+            w = plain.get_parameter(name.replace(".base_layer", ""))
+            w.add_((alpha / r) * (b @ a).to(w.device, w.dtype))
+    return plain

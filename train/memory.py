@@ -16,7 +16,11 @@ The estimate is the sum of
   keep only their inputs (``layers x T x hidden``) plus one layer recomputed at a time;
 * **transient**: what backward holds besides the saved tensors: one layer's worth of
   activation gradients (the saved bytes / layers, twice) and the chunked output layer's
-  few ``chunk x V`` fp32 blocks.
+  two ``chunk x V`` fp32 blocks (+ one dequantized weight with ``--load-in-4bit``);
+* **allocator** (CPU only): glibc's malloc keeps freed blocks in its heap, so the peak RSS
+  of a step sits above the bytes of live tensors: 0.75 x (activations + transient) when a
+  step runs in several micro-batches, 0.25 x when in one, + 32 MiB for what the first step
+  allocates once (measured by ``bench/memory_estimate.py``).
 
 On CUDA the check compares what is still to be allocated (everything but the weights)
 with the free device memory; on the CPU with ``MemAvailable``. The probe costs three short
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 
 from train.chunked import chunk_rows
+from train.quant import NF4_BYTES_PER_WEIGHT, bnb_problem, is_4bit, nf4_weight_bytes, quantizable, quantized_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,18 @@ __all__ = ["MemoryEstimate", "MemoryRefused", "estimate_memory", "available_byte
 GiB = 1 << 30
 #: fraction of the available memory a run may plan to use (allocator slack, fragmentation)
 HEADROOM = 0.9
+#: CPU (glibc malloc): what the first training step allocates once and keeps (autograd and
+#: kernel scratch, Python objects): 14-25 MiB measured by bench/memory_estimate.py
+CPU_FIRST_STEP = 32 << 20
+#: CPU (glibc malloc): freed activation blocks the heap keeps, as a fraction of the
+#: activations + backward transient, when a step runs in several micro-batches (each one's
+#: blocks are freed while the next allocates other sizes) and when it runs in one; measured
+#: peak RSS sat up to 1.48x / 1.16x above the live tensors (bench/memory_estimate.py; 1.73x /
+#: 1.15x on SmolLM2, docs/training.md, Memory)
+CPU_ALLOCATOR_SLACK = {"several": 0.75, "one": 0.25}
+#: fp32 ``chunk x V`` blocks the chunked output layer holds at once in backward (the
+#: recomputed chunk's logits and their gradient)
+HEAD_BLOCKS = 2
 
 
 class MemoryRefused(RuntimeError):
@@ -83,10 +100,12 @@ class MemoryEstimate:
     transient: int
     available: int | None = None
     notes: list[str] = field(default_factory=list)
+    allocator: int = 0
+    micro_batches: bool = True
 
     @property
     def peak(self) -> int:
-        return self.weights + self.trainable_state + self.activations + self.transient
+        return self.weights + self.trainable_state + self.activations + self.transient + self.allocator
 
     @property
     def to_allocate(self) -> int:
@@ -101,7 +120,8 @@ class MemoryEstimate:
         """The estimate as ``metrics.json`` records it."""
         return {"peak_bytes": self.peak, "tokens": self.tokens, "weights": self.weights,
                 "trainable_state": self.trainable_state, "activations": self.activations,
-                "transient": self.transient, "available": self.available, "device": self.device}
+                "transient": self.transient, "allocator": self.allocator, "available": self.available,
+                "device": self.device}
 
     def summary(self) -> str:
         def g(n):
@@ -109,7 +129,8 @@ class MemoryEstimate:
 
         s = (f"estimated peak memory per device ({self.device}, {self.tokens} tokens per micro-batch): "
              f"{g(self.peak)} = weights {g(self.weights)} + LoRA grads/optimizer {g(self.trainable_state)} + "
-             f"saved activations {g(self.activations)} + backward transient {g(self.transient)}")
+             f"saved activations {g(self.activations)} + backward transient {g(self.transient)}"
+             + (f" + allocator {g(self.allocator)}" if self.allocator else ""))
         if self.available is not None:
             s += f"; available {g(self.available)} (needs {g(self.to_allocate)} beyond the loaded weights)"
         return s
@@ -199,12 +220,16 @@ def _fit(points: list[tuple[int, int]]) -> tuple[float, float, float]:
 
 
 def estimate_memory(model, *, tokens: int, device=None, kl: bool = True, packing: str = "tree",
-                    gradient_checkpointing: bool = False, probe_tokens: int = 32) -> MemoryEstimate:
-    """Estimate the peak memory of a training step of ``tokens`` tokens (see module doc)."""
+                    gradient_checkpointing: bool = False, probe_tokens: int = 32,
+                    micro_batches: bool = True) -> MemoryEstimate:
+    """Estimate the peak memory of a training step of ``tokens`` tokens per micro-batch (see
+    module doc). ``micro_batches``: whether a step can run in more than one (the CPU
+    allocator term is larger then)."""
     params = list(model.parameters())
     dev = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    four = is_4bit(model)
     weights = sum(p.numel() * p.element_size() for p in params) + \
-        sum(b.numel() * b.element_size() for b in model.buffers())
+        sum(b.numel() * b.element_size() for b in model.buffers()) + (quantized_bytes(model) if four else 0)
     trainable = [p for p in params if p.requires_grad]
     # gradient (param dtype) + AdamW exp_avg + exp_avg_sq (param dtype)
     state = sum(3 * p.numel() * p.element_size() for p in trainable)
@@ -227,11 +252,48 @@ def estimate_memory(model, *, tokens: int, device=None, kl: bool = True, packing
     else:
         activations = full
     vocab = int(getattr(cfg, "vocab_size", 0) or 0)
-    head = 4 * min(chunk_rows(vocab), tokens) * vocab * 4 if vocab else 0
-    transient = int(2 * per_layer + head)
+    head = HEAD_BLOCKS * min(chunk_rows(vocab), tokens) * vocab * 4 if vocab else 0
+    transient = int(2 * per_layer + head + (_dequantized_weight(model) if four else 0))
+    # the CPU's malloc keeps freed blocks (RSS is what the OOM killer sees); CUDA's caching
+    # allocator is not modelled (no GPU measurement yet)
+    slack = CPU_ALLOCATOR_SLACK["several" if micro_batches else "one"]
+    allocator = int(slack * (activations + transient) + CPU_FIRST_STEP) if dev.type == "cpu" else 0
     return MemoryEstimate(device=str(dev), tokens=int(tokens), weights=int(weights), trainable_state=int(state),
                           activations=int(activations), transient=transient, available=available_bytes(dev),
-                          notes=notes)
+                          notes=notes, allocator=allocator, micro_batches=micro_batches)
+
+
+def _dequantized_weight(model) -> int:
+    """bitsandbytes dequantizes one NF4 weight at a time to the compute dtype for each matmul
+    (forward and backward): the largest such weight is held on top of everything else."""
+    best = 0
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            best = max(best, int(np.prod(qs.shape)) * torch.empty(0, dtype=qs.dtype).element_size())
+    return best
+
+
+def qlora_peak(model, est: MemoryEstimate) -> int:
+    """The estimated peak of the same step with the base loaded in 4-bit (``--load-in-4bit``):
+    the quantizable Linear weights in NF4, the rest as now, plus one dequantized weight."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = list(base.parameters())
+    dtype = params[0].dtype if params else torch.float32
+    lin = quantizable(base)
+    largest = max((m.weight.numel() for _, m in lin), default=0) * torch.empty(0, dtype=dtype).element_size()
+    return nf4_weight_bytes(model, dtype) + est.trainable_state + est.activations + est.transient + est.allocator \
+        + largest
+
+
+def _qlora_tip(model, est: MemoryEstimate, room_without_weights: float) -> str:
+    peak = qlora_peak(model, est)
+    if peak > room_without_weights:
+        return f"not --load-in-4bit alone (QLoRA: estimated peak {peak / GiB:.2f} GiB)"
+    why = bnb_problem(est.device)
+    note = f" ({why})" if why else ""
+    return f"--load-in-4bit (QLoRA, NF4 base at {NF4_BYTES_PER_WEIGHT:.3f} bytes/weight: estimated peak " \
+           f"{peak / GiB:.2f} GiB){note}"
 
 
 def suggest(model, est: MemoryEstimate, *, kl: bool, packing: str, gradient_checkpointing: bool) -> list[str]:
@@ -242,7 +304,8 @@ def suggest(model, est: MemoryEstimate, *, kl: bool, packing: str, gradient_chec
     room = HEADROOM * est.available
     t, e = est.tokens // 2, None
     while t >= 64:
-        e = estimate_memory(model, tokens=t, kl=kl, packing=packing, gradient_checkpointing=gradient_checkpointing)
+        e = estimate_memory(model, tokens=t, kl=kl, packing=packing, gradient_checkpointing=gradient_checkpointing,
+                            micro_batches=True)
         if e.to_allocate <= room:
             out.append(f"--token-budget {t} (estimated peak {e.peak / GiB:.2f} GiB)")
             break
@@ -251,20 +314,24 @@ def suggest(model, est: MemoryEstimate, *, kl: bool, packing: str, gradient_chec
         if e is not None:
             out.append(f"not a smaller --token-budget alone (even 64 tokens: estimated peak {e.peak / GiB:.2f} GiB)")
     if not gradient_checkpointing:
-        e = estimate_memory(model, tokens=est.tokens, kl=kl, packing=packing, gradient_checkpointing=True)
+        e = estimate_memory(model, tokens=est.tokens, kl=kl, packing=packing, gradient_checkpointing=True,
+                            micro_batches=est.micro_batches)
         out.append(f"--gradient-checkpointing (estimated peak {e.peak / GiB:.2f} GiB)")
-    out.append("a 4-bit base model (QLoRA) on a CUDA GPU, or a smaller model")
+    if not is_4bit(model):
+        # a 4-bit run loads afresh: the weights resident now are not there
+        out.append(_qlora_tip(model, est, HEADROOM * est.available + est.weights))
+    out.append("a smaller model")
     return out
 
 
 def check_memory(model, *, tokens: int, kl: bool, packing: str, gradient_checkpointing: bool, device=None,
-                 force: bool = False, report: bool = True) -> MemoryEstimate:
+                 force: bool = False, report: bool = True, micro_batches: bool = True) -> MemoryEstimate:
     """Estimate the peak memory of a step, print the estimate (``report``: on the main rank),
     and raise `MemoryRefused` naming what to change when it cannot fit, unless ``force``
     (``--ignore-memory-check``: a warning instead). Under torch.distributed every rank
     refuses when any rank's estimate does not fit, or none does."""
     est = estimate_memory(model, tokens=tokens, device=device, kl=kl, packing=packing,
-                          gradient_checkpointing=gradient_checkpointing)
+                          gradient_checkpointing=gradient_checkpointing, micro_batches=micro_batches)
     bad = torch.tensor([0.0 if est.fits else 1.0], device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # all ranks refuse, or none

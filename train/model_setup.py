@@ -78,6 +78,10 @@ def build_peft_model(model, cfg: TrainConfig):
     extra = {"layers_to_transform": layers} if layers is not None else {}
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                     target_modules=targets, bias="none", task_type="CAUSAL_LM", **extra)
+    if cfg.load_in_4bit:
+        from train.quant import prepare_4bit
+
+        prepare_4bit(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

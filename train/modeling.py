@@ -286,13 +286,20 @@ def load_model(
     *,
     dtype=None,
     trust_remote_code: bool = False,
+    load_in_4bit: bool = False,
 ) -> tuple[Any, Any, Path | str]:
     """Load ``(model, tokenizer, model_dir_or_id)`` for training.
 
-    GGUF sources are converted once and loaded from the cache. Never downloads."""
+    GGUF sources are converted once and loaded from the cache. Never downloads.
+    ``load_in_4bit``: the Linear weights in NF4 (`train.quant.load_4bit`; for a GGUF, its
+    converted directory is what gets quantized); ``dtype`` is then the compute dtype."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if load_in_4bit:
+        from train.quant import require_bnb
+
+        require_bnb()  # one line before any conversion or loading: bitsandbytes missing or unusable here
     if source.kind == "gguf":
         where: Path | str = convert_gguf(source)
     else:
@@ -304,7 +311,11 @@ def load_model(
         log.warning("no tokenizer in %s (%s); using the trees' token ids as they are", where, exc)
         tokenizer = None
     try:
-        if source.kind == "gguf":
+        if load_in_4bit:
+            from train.quant import load_4bit
+
+            model, info = load_4bit(where, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+        elif source.kind == "gguf":
             model, info = _load_converted(Path(where), dtype or torch.float32)
         else:
             model, info = AutoModelForCausalLM.from_pretrained(

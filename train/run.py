@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from transformers import set_seed
 
 from train import data as D
-from train.batching import Batch
+from train.batching import Batch, forwarded_tokens
 from train.config import TrainConfig
 from train.data import TaskExample
 from train.distributed import ShardedForward, describe, gathered_lora_state
@@ -28,6 +28,7 @@ from train.export import ExportError, export_lora_gguf, merge_and_save
 from train.memory import check_memory
 from train.model_setup import build_peft_model, set_attn_impl, weights_dtype
 from train.modeling import load_model, resolve_model, source_metadata, tokenizer_vocab_sha256
+from train.quant import compute_dtype
 from train.retokenize import VocabCheck
 from train.trainer import StopOnNonFinite, SteerTrainer, TaskDataset, last_checkpoint, training_arguments
 
@@ -46,12 +47,16 @@ def _memory_check(trainer, tasks: Sequence[TaskExample]) -> dict[str, Any]:
     The micro-batch is ``--token-budget`` tokens, or the longest sequence when one is longer
     (it gets a row of its own)."""
     cfg = trainer.steer_config
-    longest = max((len(s) for t in tasks for s in Batch([t], use_sft=trainer.use_sft,
-                                                        use_pairs=trainer.use_pairs).sequences), default=0)
+    kw = dict(use_sft=trainer.use_sft, use_pairs=trainer.use_pairs)
+    longest = max((len(s) for t in tasks for s in Batch([t], **kw).sequences), default=0)
+    # can a step run in several micro-batches? (the largest tasks in one batch)
+    size = {id(t): forwarded_tokens(Batch([t], **kw).sequences, cfg.packing, cfg.token_budget) for t in tasks}
+    biggest = sorted(tasks, key=lambda t: size[id(t)], reverse=True)[:cfg.batch_size]
+    several = len(Batch(biggest, **kw).split(cfg.token_budget, cfg.packing)) > 1 if biggest else False
     est = check_memory(trainer.accelerator.unwrap_model(trainer.model), tokens=max(cfg.token_budget, longest),
                        kl=cfg.full_kl, packing=cfg.packing, gradient_checkpointing=cfg.gradient_checkpointing,
                        device=trainer.args.device, force=not cfg.memory_check,
-                       report=trainer.is_world_process_zero())
+                       report=trainer.is_world_process_zero(), micro_batches=several)
     return est.metrics()
 
 
@@ -89,9 +94,18 @@ def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dic
     set_seed(cfg.seed)
     rep = D.load_trees(cfg.data)
     source = resolve_model(cfg.model, D.tree_models(rep.trees))
-    model, tokenizer, where = load_model(source, dtype=weights_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
+    dtype = compute_dtype(cfg) if cfg.load_in_4bit else weights_dtype(cfg)
+    model, tokenizer, where = load_model(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                         load_in_4bit=cfg.load_in_4bit)
     model_check = None
-    if source.kind == "gguf" and is_main_process():
+    if source.kind == "gguf" and is_main_process() and cfg.load_in_4bit:
+        # NF4 moves the base model's log-probs by far more than the check's threshold, so
+        # comparing it with llama.cpp would say nothing about the conversion
+        model_check = {"skipped": "--load-in-4bit: the check compares a full-precision model with llama.cpp; "
+                                  f"run `steer-train check-model {source.path}`"}
+        log.warning("model check skipped under --load-in-4bit; `steer-train check-model %s` checks the conversion",
+                    source.path)
+    elif source.kind == "gguf" and is_main_process():
         from train.check import pretraining_check
 
         model_check = pretraining_check(model, source.path, source_metadata(where),
@@ -131,7 +145,7 @@ def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dic
     meta = source_metadata(where) if source.kind == "gguf" else {}
     metrics: dict[str, Any] = {
         "model": {"source": source.path, "kind": source.kind, "sha256": source.sha256, "loaded_from": str(where),
-                  "check": model_check},
+                  "check": model_check, "weights": "nf4" if cfg.load_in_4bit else ("bfloat16" if dtype is not None else "float32")},
         "data": ds.summary(),
         "bad_files": ds.errors,
         "config": cfg.to_dict(),

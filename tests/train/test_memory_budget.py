@@ -187,12 +187,12 @@ def test_estimate_against_a_measured_peak(tmp_path):
     """A 2-layer Llama (hidden 256, vocab 32k, eager attention) takes one real step over two
     120-steer tasks in micro-batches of ~1,020 tokens (budget 1,024). Measured: the process's
     peak RSS during the step minus its RSS just before (weights, reference cache already
-    there); estimated: what `estimate_memory` says is still to be allocated. The estimate
-    counts live tensors; RSS also holds what the allocator keeps after frees and the autograd
-    engine's first-use buffers, so the measured figure sits above it by an amount that
-    depends on the heap's state: 1.21-1.42x run alone, 2.31x once inside the full suite on a
-    loaded 2-core machine. The bound is 0.5-3.0x: an estimate that missed the attention
-    scores or the head's chunks (~2/3 of it) would read >= 3.8x."""
+    there); estimated: what `estimate_memory` says is still to be allocated, including the
+    CPU allocator term (what glibc keeps after frees, and the first step's one-time buffers),
+    without which the measured figure sat 1.21-1.42x above the estimate run alone and 2.31x
+    once inside the full suite on a loaded 2-core machine; with it 0.98 run alone
+    (bench/memory_estimate.py has the grid). The bound stays 0.5-3.0x: the heap's state
+    varies with what ran before."""
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", WORKER, "1024", str(tmp_path)], env=env, capture_output=True,
                           text=True, timeout=400)
