@@ -117,3 +117,18 @@ def test_quick_loop_end_to_end(tmp_path, monkeypatch, capsys):
     assert "capture: cached in" in err and "held-out base: cached in" in err, err
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
     assert sorted(out.glob("cache/*/summary.json")) == summaries
+    # --compare on the same capture: steer-train and the SFT-only baseline, each trained and
+    # measured once; a rerun takes both points from bench/out/points (nothing trains again)
+    assert loop.main(["--quick", "--out", str(out), "--threads", "2", "--compare", "steer-train,sft"]) == 0
+    cmp = json.loads((out / "compare.json").read_text())
+    assert [m["method"] for m in cmp["methods"]] == ["steer-train", "sft"]
+    sft_cfg = json.loads((out / "compare" / "sft" / "metrics.json").read_text())["config"]
+    assert (sft_cfg["objective"], sft_cfg["kl_weight"]) == ("sft", 0.0)
+    for m in cmp["methods"]:
+        assert m["train_steers"] == rep["capture"]["steers"] and m["train_seconds"] > 0
+        assert set(m["guards"]) == {g.key for g in loop.GUARDS}
+    capsys.readouterr()
+    assert loop.main(["--quick", "--out", str(out), "--threads", "2", "--compare", "steer-train,sft"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(": cached (") == 2 and "train: steer-train" not in err, err
+    assert json.loads((out / "compare.json").read_text())["methods"] == cmp["methods"]
