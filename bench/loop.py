@@ -25,6 +25,14 @@ model's held-out run::
     python bench/loop.py --quick                       # tiny end-to-end run (CI), ~1-2 min
     python bench/loop.py --curve 30,60,120,240         # data-efficiency curve (loop_rounds.py)
     python bench/loop.py --rounds 2                    # keep steering the improved model
+    python bench/loop.py --rounds 2 --rounds-from continue   # round 2 goes on training adapter 1
+    python bench/loop.py --compare steer-train,sft,trl:5e-5  # side by side (loop_compare.py)
+    python bench/loop.py --rules bench/loop_data/rewrite_rules.toml --out bench/out/rewrite
+                                                       # 10-20-token rewrite steers
+    python bench/loop.py --rules bench/loop_data/set_b/rules.toml \
+        --train-prompts bench/loop_data/set_b/train_prompts.jsonl \
+        --heldout-prompts bench/loop_data/set_b/heldout_prompts.jsonl --out bench/out/set_b
+                                                       # the rule set held out from choosing defaults
 
 Time: with the defaults (241 captured steers, 80 held-out answers per model), from an empty
 cache on a quiet 2-core CPU with ``--threads 2``, the whole run took 977 s: capture 304 s,
@@ -33,6 +41,8 @@ the rest ~70 s. A trial with a warm cache costs steer-train + the tuned held-out
 
 Pass/fail: the steer rate must fall by >= 50% (``--target-drop``) and every guard must be
 within its bound (see ``GUARDS``); the exit code is 0 either way unless ``--strict``.
+Every trained-and-measured point of ``--curve``, ``--rounds`` and ``--compare`` is kept in
+``<out>/points`` by what it depends on (steer files, flags, settings), so reruns reuse it.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                       bias="none", task_type="CAUSAL_LM")
     cfg = DPOConfig(output_dir=str(ns.out / "trl_run"), learning_rate=ns.lr, num_train_epochs=ns.epochs,
                     max_steps=ns.max_steps, per_device_train_batch_size=ns.batch_size, beta=ns.beta,
-                    lr_scheduler_type="cosine", warmup_ratio=0.1, logging_steps=10, save_strategy="no",
+                    lr_scheduler_type="cosine", warmup_steps=0.1, logging_steps=10, save_strategy="no",
                     report_to=[], seed=ns.seed, max_length=None, use_cpu=not torch.cuda.is_available(),
                     bf16=False, remove_unused_columns=False, disable_tqdm=True)
     trainer = IdsDPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
