@@ -53,20 +53,26 @@ def trl_point(loop: ModuleType, st: Any, base: dict, data: Path, cache: Path, td
         loop.log(f"point {tdir.name}: cached ({key})")
         return finish_point(loop, base, old["tuned"], old["train_steers"], old["train_seconds"], tdir, key, target)
     tdir.mkdir(parents=True, exist_ok=True)
-    hf = converted_base(loop, cache)
-    pairs = tdir / "pairs.jsonl"
-    n = export_pairs(loop, data, pairs)
-    loop.log(f"trl: {n} pairs, lr {lr}, {epochs} epoch(s)")
-    t0 = time.time()
-    loop.run_python(["bench/trl_dpo.py", "--data", str(pairs), "--model", str(hf), "--out", str(tdir / "peft"),
-                     "--lr", str(lr), "--epochs", str(epochs)], "TRL DPOTrainer")
-    m = json.loads((tdir / "peft" / "trl_metrics.json").read_text())
-    loop.log(f"trl: {m['global_step']} steps, epoch {m['seconds']:.0f}s (whole run {time.time() - t0:.0f}s)")
-    from steer_tui.core.models import default_model_path
+    gguf, done = tdir / "adapter.gguf", tdir / "trained.json"
+    if done.is_file() and gguf.is_file() and json.loads(done.read_text()).get("key") == key:
+        m = json.loads((tdir / "peft" / "trl_metrics.json").read_text())  # trained, not yet measured
+        n = m["pairs"]
+        loop.log(f"trl: trained before ({m['global_step']} steps, epoch {m['seconds']:.0f}s); measuring")
+    else:
+        hf = converted_base(loop, cache)
+        pairs = tdir / "pairs.jsonl"
+        n = export_pairs(loop, data, pairs)
+        loop.log(f"trl: {n} pairs, lr {lr}, {epochs} epoch(s)")
+        t0 = time.time()
+        loop.run_python(["bench/trl_dpo.py", "--data", str(pairs), "--model", str(hf), "--out", str(tdir / "peft"),
+                         "--lr", str(lr), "--epochs", str(epochs)], "TRL DPOTrainer")
+        m = json.loads((tdir / "peft" / "trl_metrics.json").read_text())
+        loop.log(f"trl: {m['global_step']} steps, epoch {m['seconds']:.0f}s (whole run {time.time() - t0:.0f}s)")
+        from steer_tui.core.models import default_model_path
 
-    gguf = tdir / "adapter.gguf"
-    loop.run_python(["-m", "train", "export-gguf", str(tdir / "peft"), "--model", str(default_model_path()),
-                     "--out", str(gguf)], "steer-train export-gguf")
+        loop.run_python(["-m", "train", "export-gguf", str(tdir / "peft"), "--model", str(default_model_path()),
+                         "--out", str(gguf)], "steer-train export-gguf")
+        done.write_text(json.dumps({"key": key}))
     tuned = loop.heldout_tuned(st, gguf)
     return finish_point(loop, base, tuned, n, m["seconds"] / max(epochs, 1e-9), tdir, key, target)
 
