@@ -84,7 +84,8 @@ def point(loop: ModuleType, st: Any, base: dict, data: Path, tdir: Path, train_a
     old = cached_point(key)
     if old is not None:
         loop.log(f"point {tdir.name}: cached ({key})")
-        return finish_point(loop, base, old["tuned"], old["train_steers"], old["train_seconds"], tdir, key, target)
+        return finish_point(loop, base, old["tuned"], old["train_steers"], old["train_seconds"],
+                            Path(old.get("adapter_dir", tdir)), key, target)
     metrics = loop.train(data, tdir, train_args)
     gguf = tdir / "adapter.gguf"
     if not gguf.is_file():
@@ -108,7 +109,9 @@ def finish_point(loop: ModuleType, base: dict, tuned: dict, steers: int, seconds
     res["steer_rate"]["drop_se"] = drop_se(base, tuned)
     res["train_steers"] = steers
     res["train_seconds"] = seconds
-    blob = json.dumps({"key": key, "tuned": tuned, "train_steers": steers, "train_seconds": seconds})
+    res["adapter_dir"] = str(tdir)  # where adapter.gguf is (a cached point: where it was trained)
+    blob = json.dumps({"key": key, "tuned": tuned, "train_steers": steers, "train_seconds": seconds,
+                       "adapter_dir": str(tdir)})
     tdir.mkdir(parents=True, exist_ok=True)
     (tdir / "point.json").write_text(blob)
     if POINTS is not None:
@@ -176,12 +179,12 @@ def run_rounds(loop: ModuleType, ns: Any, st: Any, cache: Path, model_sha: str, 
             captured.append(got)
             loop.log(f"round {k}: captured {got} steers with adapter {k - 1} in {time.time() - t0:.0f}s")
         args_k = train_args
-        if getattr(ns, "rounds_from", "base") == "continue" and adapter is not None:
+        if mode == "continue" and adapter is not None:
             args_k = [*train_args, "--init-adapter", str(adapter.parent)]
         res = point(loop, st, base, all_steers, rdir / f"adapter-{k}", args_k, ns.target_drop)
         res["round"], res["captured"] = k, captured[-1]
         rows.append(res)
-        adapter = ns.out / "rounds" / f"adapter-{k}" / "adapter.gguf"
+        adapter = Path(res["adapter_dir"]) / "adapter.gguf"
     how = ("base (adapter k is trained from the base model on all steers of rounds 1..k)" if mode == "base" else
            "continue (adapter k goes on training adapter k-1, on all steers of rounds 1..k)")
     report = {"base": {k: v for k, v in base.items() if k != "records"}, "rounds": rows, "train_args": train_args,
