@@ -18,7 +18,11 @@ Everything the trainer needs is built here before any model exists:
   through later splits (``SteerTree.original_tokens``); when it is still shorter than K it
   is extended into its first live model child (and so on); if the branch ends first, the
   rejected side is left shorter. Pairs whose chosen equals the start of the rejected side
-  carry no signal and are dropped.
+  carry no signal and are dropped. Tokens the two sides share at their start (a rewrite
+  that retypes the sentence's first words) move into the prefix, so both spans start at
+  the first divergent token: that is where the steer's contrast is, and what
+  ``first_token_weight`` and reference-free losses must see (in the sigmoid DPO loss the
+  shared tokens cancel exactly, with them or without).
 * Discarded nodes and their subtrees are ignored.
 * ``split_by_task`` splits tasks (never steers) into train / eval, seeded.
 
@@ -378,8 +382,19 @@ def build_task(tree: SteerTree, opts: DataOptions, vocab: VocabCheck | None = No
         if opts.too_long(len(prefix) + max(len(chosen), len(rejected))):
             log.warning("%s: steer %s longer than max_length %d; skipped", tree.id, h.id, opts.max_length)
             continue
-        ex.pairs.append(Pair(h.id, h.kind, prefix, chosen, rejected))
+        lead = _common_lead(chosen, rejected)
+        ex.pairs.append(Pair(h.id, h.kind, prefix + chosen[:lead], chosen[lead:], rejected[lead:]))
     return ex
+
+
+def _common_lead(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @dataclass

@@ -132,6 +132,19 @@ def test_pair_without_signal_is_dropped():
     assert {p.steer for p in build_task(t, DataOptions()).pairs} == {ids["n3"], ids["n6"]}
 
 
+def test_shared_lead_moves_into_the_prefix():
+    """A rewrite that retypes the start of what it replaces ([14, 22] for [14, 15]): both
+    spans start at the first divergent token, and the shared token joins the prefix."""
+    t, ids = build_tree()
+    h = human(t, ids["n1"], [14, 22, 23], ids["n2"])
+    p = {q.steer: q for q in build_task(t, DataOptions(rejected_tokens=4)).pairs}[h.id]
+    assert p.prefix == PROMPT + [10, 11, 12, 13, 14]
+    assert (p.chosen, p.rejected) == ([22, 23], [15, 16, 17])
+    assert p.chosen_ids == PROMPT + [10, 11, 12, 13, 14, 22, 23]  # the sequences themselves are unchanged
+    assert p.rejected_ids == PROMPT + [10, 11, 12, 13, 14, 15, 16, 17]
+    assert p.chosen_span == (7, 9)
+
+
 def test_split_by_task_is_seeded_and_disjoint():
     items = [type("E", (), {"task": f"t{i}"})() for i in range(10)]
     tr, ev = split_by_task(items, 0.2, seed=1)
