@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LMHead", "HeadStates", "chunk_rows", "head_token_logprobs", "head_full_kl", "CHUNK_BYTES"]
+__all__ = ["LMHead", "HeadStates", "chunk_rows", "head_token_logprobs", "head_full_kl", "kl_rows", "KL_DIRECTIONS",
+           "CHUNK_BYTES"]
 
 #: fp32 bytes of one chunk of logits (``chunk x V x 4``); backward holds a few of these at once.
 CHUNK_BYTES = 64 << 20
@@ -178,10 +179,28 @@ def head_token_logprobs(hidden: Tensor, head: LMHead, src: Tensor, tgt: Tensor) 
     return flat[inv]
 
 
-def head_full_kl(policy: Tensor, reference: Tensor, head: LMHead) -> Tensor:
+#: which KL between the policy ``p`` and the reference ``q`` a full-vocabulary KL term computes
+KL_DIRECTIONS = ("reverse", "forward", "symmetric")
+
+
+def kl_rows(lp: Tensor, lq: Tensor, direction: str = "reverse") -> Tensor:
+    """Per row KL of log-softmax rows ``lp`` (policy) and ``lq`` (reference, no grad), over the
+    last axis: ``"reverse"`` KL(p ‖ q), ``"forward"`` KL(q ‖ p), ``"symmetric"`` the sum."""
+    d = lp - lq
+    if direction == "reverse":
+        return (lp.exp() * d).sum(-1)
+    if direction == "forward":
+        return -(lq.exp() * d).sum(-1)
+    return ((lp.exp() - lq.exp()) * d).sum(-1)
+
+
+def head_full_kl(policy: Tensor, reference: Tensor, head: LMHead, direction: str = "reverse") -> Tensor:
     """Per position ``sum_v p(v) (log p(v) - log q(v))``, ``[n]`` fp32, where ``p`` / ``q`` are
     the softmax of ``head`` applied to the policy / reference hidden states (both ``[n, H]``;
-    no gradient reaches ``reference``)."""
+    no gradient reaches ``reference``). ``direction``: ``"reverse"`` is that KL(p ‖ q),
+    ``"forward"`` KL(q ‖ p) = ``sum_v q(v) (log q(v) - log p(v))``, ``"symmetric"`` their sum."""
+    if direction not in KL_DIRECTIONS:
+        raise ValueError(f"head_full_kl: direction must be one of {KL_DIRECTIONS}, got {direction!r}")
     if policy.shape != reference.shape:
         raise ValueError(f"head_full_kl: policy {tuple(policy.shape)} vs reference {tuple(reference.shape)}")
     n = int(policy.shape[0])
@@ -192,6 +211,6 @@ def head_full_kl(policy: Tensor, reference: Tensor, head: LMHead) -> Tensor:
         lp = head.logits(h, w, b).log_softmax(-1)
         with torch.no_grad():
             lq = head.logits(ref, w.detach(), None if b is None else b.detach()).log_softmax(-1)
-        return (lp.exp() * (lp - lq)).sum(-1)
+        return kl_rows(lp, lq, direction)
 
     return _Chunked.apply(compute, _bounds(n, head.rows), policy, head.weight, head.bias, reference.detach())

@@ -61,8 +61,9 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="weight of each steer's first divergent token in the DPO span log-probs (default 1)")
     p.add_argument("--kl-weight", type=float, help="weight of the reference-KL term (--kl-mode) on model-written tokens")
     p.add_argument("--kl-mode", choices=KL_MODES,
-                   help="full: exact KL(policy || base) over the vocabulary (one extra no-grad forward); token: k3 "
-                   "estimate of the reverse direction, KL(base || policy), from the sampled tokens only")
+                   help="full: exact KL(policy || base) over the vocabulary (one extra no-grad forward); forward: "
+                   "exact KL(base || policy) (keeps mass on every token the base gives it: against repetition); "
+                   "symmetric: the sum of the two; token: k3 estimate of KL(base || policy) from the sampled tokens only")
     _values(p, ("--lora-r", int), ("--lora-alpha", float), ("--lora-dropout", float))
     p.add_argument("--no-lora-mlp", dest="lora_mlp", action="store_false", default=None, help="LoRA on attention only")
     p.add_argument("--lora-layers", help="blocks that get LoRA: all (default), last:N, or 0-based 'A-B,C'")

@@ -36,9 +36,11 @@ OBJECTIVES = ("sft", "dpo", "sft+dpo")
 LOSS_TYPES = ("sigmoid", "ipo", "apo_zero", "orpo")
 #: sequence layouts (`train.packing.plan_packing`)
 PACKINGS = ("tree", "none")
-#: reference-KL terms: "full" = exact KL(policy ‖ reference) over the vocabulary;
-#: "token" = k3 estimate of KL(reference ‖ policy) on the sampled tokens
-KL_MODES = ("full", "token")
+#: reference-KL terms -> the direction of the exact full-vocabulary KL (`train.chunked.kl_rows`):
+#: "full" = KL(policy ‖ reference), "forward" = KL(reference ‖ policy), "symmetric" = their sum;
+#: "token" (not in the map) = k3 estimate of KL(reference ‖ policy) on the sampled tokens only
+FULL_KL_DIRECTIONS = {"full": "reverse", "forward": "forward", "symmetric": "symmetric"}
+KL_MODES = (*FULL_KL_DIRECTIONS, "token")
 #: ``--attn-impl`` name -> transformers ``attn_implementation`` ("auto" resolves to one of them,
 #: `train.model_setup.resolve_attn_impl`)
 ATTN_BACKENDS = {"sdpa": "sdpa", "flex": "flex_attention", "eager": "eager"}
@@ -142,8 +144,14 @@ class TrainConfig:
 
     @property
     def full_kl(self) -> bool:
-        """Whether the loss has the exact KL(policy ‖ reference) term (``kl_mode = "full"``)."""
-        return self.kl_weight > 0 and self.kl_mode == "full"
+        """Whether the loss has an exact full-vocabulary KL term (``kl_mode`` "full",
+        "forward" or "symmetric"; its direction: `kl_direction`)."""
+        return self.kl_weight > 0 and self.kl_mode in FULL_KL_DIRECTIONS
+
+    @property
+    def kl_direction(self) -> str:
+        """The direction of the full-vocabulary KL (`train.chunked.KL_DIRECTIONS`)."""
+        return FULL_KL_DIRECTIONS.get(self.kl_mode, "reverse")
 
     @property
     def token_kl(self) -> bool:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from train.chunked import HeadStates, head_full_kl
+from train.chunked import HeadStates, head_full_kl, kl_rows
 from train.config import LOSS_TYPES
 
 __all__ = [
@@ -228,7 +228,7 @@ def reference_kl(policy: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
 
 
 def full_reference_kl(policy_rows: Sequence[Tensor | HeadStates],
-                      reference_rows: Sequence[Tensor | HeadStates]) -> Tensor:
+                      reference_rows: Sequence[Tensor | HeadStates], direction: str = "reverse") -> Tensor:
     """Exact KL(policy ‖ reference) over the whole vocabulary, averaged over positions.
 
     The direction is the opposite of :func:`reference_kl`'s (a one-token estimate of
@@ -243,13 +243,17 @@ def full_reference_kl(policy_rows: Sequence[Tensor | HeadStates],
             (``(n_i, H)`` hidden states + the output layer), the form
             ``token_logprobs(..., dist_states=True)`` returns.
         reference_rows: the same from the reference model (no grad).
+        direction: ``"reverse"`` (default) the KL(policy ‖ reference) above; ``"forward"``
+            the exact KL(reference ‖ policy) = ``sum_v q(v) (log q(v) - log p(v))``, which
+            penalises taking mass from any token the base model gives it (against sharpening
+            onto a few tokens, i.e. repetition); ``"symmetric"`` the sum of the two.
 
     When every entry on both sides is a ``HeadStates`` of one output layer, the KL runs
     chunked (`train.chunked.head_full_kl`): the same sum, but backward keeps the ``(n, H)``
     hidden states instead of fp32 ``(n, V)`` rows. Otherwise the rows are materialised.
 
     Returns:
-        scalar: mean over all positions of ``sum_v p(v) (log p(v) - log q(v))``; 0 with a
+        scalar: mean over all positions of the per-position KL (``direction``); 0 with a
         graph when there are no positions.
     """
     if len(policy_rows) != len(reference_rows):
@@ -263,7 +267,7 @@ def full_reference_kl(policy_rows: Sequence[Tensor | HeadStates],
         pol = torch.cat([r.hidden for r in policy_rows])
         if pol.shape[0] == 0:
             return pol.sum() * 0.0
-        per_pos = head_full_kl(pol, torch.cat([r.hidden for r in reference_rows]), policy_rows[0].head)
+        per_pos = head_full_kl(pol, torch.cat([r.hidden for r in reference_rows]), policy_rows[0].head, direction)
         return per_pos.sum() / pol.shape[0]
     policy_rows = [r.log_softmax() if isinstance(r, HeadStates) else r for r in policy_rows]
     reference_rows = [r.log_softmax() if isinstance(r, HeadStates) else r for r in reference_rows]
@@ -273,7 +277,7 @@ def full_reference_kl(policy_rows: Sequence[Tensor | HeadStates],
             raise ValueError(f"full_reference_kl: sequence {i}: shapes differ: {tuple(lp.shape)} vs {tuple(lq.shape)}")
         if lp.shape[0] == 0:
             continue
-        kl = (lp.exp() * (lp - lq.detach())).sum()
+        kl = kl_rows(lp, lq.detach(), direction).sum()
         total = kl if total is None else total + kl
         n += lp.shape[0]
     if total is None:

@@ -250,7 +250,7 @@ class SteerTrainer(Trainer):
         terms = self.loss_terms(batch, logps, ref, device, norms)
         if dists is not None:
             ref_dists = self.reference_dists(inner, batch, [masks[i] for i in batch.sft_idx])
-            kl = full_reference_kl([dists[i] for i in batch.sft_idx], ref_dists)
+            kl = full_reference_kl([dists[i] for i in batch.sft_idx], ref_dists, cfg.kl_direction)
             n = sum(len(r) for r in ref_dists)
             if n:
                 kl = kl * (n / norms["kl_positions"])

@@ -163,6 +163,21 @@ def test_full_reference_kl_by_hand_and_zero_at_the_reference():
     assert full_reference_kl([eos_up], [ref]).item() > 0.9
 
 
+def test_full_reference_kl_forward_and_symmetric_by_hand():
+    """KL(q ‖ p) and KL(p ‖ q) + KL(q ‖ p) of the rows above; the forward KL is the one that
+    notices a policy dropping a token the reference writes (here from 0.25 to 1e-6)."""
+    p = torch.log(t([[0.5, 0.25, 0.25]]))
+    q = torch.log(t([[0.25, 0.25, 0.5]]))
+    rev = 0.5 * math.log(2) + 0.25 * math.log(0.5)
+    fwd = 0.25 * math.log(0.5) + 0.5 * math.log(2)
+    assert full_reference_kl([p], [q], "forward").item() == pytest.approx(fwd)
+    assert full_reference_kl([p], [q], "symmetric").item() == pytest.approx(rev + fwd)
+    dropped = torch.log(t([[0.75 - 1e-6, 0.25, 1e-6]]))
+    ref = torch.log(t([[0.5, 0.25, 0.25]]))
+    f, r = (full_reference_kl([dropped], [ref], d).item() for d in ("forward", "reverse"))
+    assert f > 2.5 and r < 0.31  # forward: 0.25 * log(0.25 / 1e-6) dominates; reverse barely sees it
+
+
 def test_full_reference_kl_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="1 policy vs 2 reference"):
         full_reference_kl([t([[0.0]])], [t([[0.0]]), t([[0.0]])])

@@ -121,6 +121,33 @@ def test_head_functions_against_plain_autograd_with_weight_and_bias_grads():
             t.grad = None
 
 
+@pytest.mark.parametrize("direction", ["forward", "symmetric"])
+def test_head_full_kl_other_directions_against_plain_autograd(direction):
+    """The forward and symmetric KLs chunked: values and gradients equal the materialised
+    form written out here (not through `kl_rows`). The head computes its softmax in fp32
+    whatever the input dtype, as the reference here does, so the bounds are the fp32 ones
+    of the test above."""
+    torch.manual_seed(1)
+    h = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(7, 8, dtype=torch.float64)
+    w = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    kl = head_full_kl(h, r, LMHead(w, None, None, 3), direction)
+    kl.sum().backward()
+    g = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    lp = (h @ w.T).float().log_softmax(-1)
+    with torch.no_grad():
+        lq = (r @ w.T).float().log_softmax(-1)
+    fwd = (lq.exp() * (lq - lp)).sum(-1)
+    want = fwd if direction == "forward" else fwd + (lp.exp() * (lp - lq)).sum(-1)
+    want.sum().backward()
+    torch.testing.assert_close(kl, want, atol=VAL_TOL, rtol=0)
+    for a, t in zip(g, (h, w)):
+        torch.testing.assert_close(a, t.grad, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="direction must be one of"):
+        head_full_kl(h, r, LMHead(w, None, None, 3), "backward")
+
+
 def test_softcapped_head_is_chunked_and_exact():
     """Gemma-2 caps its logits after the output layer; `LMHead` applies the same cap."""
     m = tiny(cls=transformers.Gemma2ForCausalLM, config_cls=transformers.Gemma2Config, head_dim=8,
