@@ -4,7 +4,10 @@
   training step: eval mode (no dropout), the adapter disabled for the reference (a no-op on a
   model without one), and the training flag restored afterwards.
 * `ReferenceCache`: reference log-probs per (task, role, index), computed once before
-  training (sharded over DDP ranks) and read by every step's DPO and one-token KL terms.
+  training (sharded over DDP ranks) and read by every step's DPO and one-token KL terms;
+  with ``states`` also the reference's last hidden states at the positions the
+  full-vocabulary KL covers, so a step needs no reference forward (single process, within
+  `STATES_BYTES`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from train.config import TrainConfig
 from train.data import TaskExample
 from train.distributed import ShardedForward
 from train.logprobs import token_logprobs
+
+#: the most the cached reference hidden states may take (CPU memory); above it the trainer
+#: recomputes the reference rows each step instead
+STATES_BYTES = 2 << 30
 
 
 @contextlib.contextmanager
@@ -45,6 +52,8 @@ class ReferenceCache:
 
     def __init__(self) -> None:
         self.logps: dict[tuple[str, str, int], torch.Tensor] = {}
+        #: SFT key -> the reference's hidden states ``[n, H]`` at that path's KL positions
+        self.states: dict[tuple[str, str, int], torch.Tensor] = {}
 
     def __contains__(self, key) -> bool:
         return key in self.logps
@@ -54,31 +63,56 @@ class ReferenceCache:
         False (only the one-token KL reads them, and then they were never computed)."""
         return [self.logps[k].to(device) if sft or k[1] != "sft" else None for k in keys]
 
+    def states_of(self, keys: Sequence[tuple[str, str, int]], device) -> list[torch.Tensor] | None:
+        """The cached reference hidden states of ``keys`` (SFT paths), or None unless all are."""
+        if not all(k in self.states for k in keys):
+            return None
+        return [self.states[k].to(device) for k in keys]
+
+    def _missing(self, task: TaskExample, use_sft: bool, use_pairs: bool, states: bool) -> bool:
+        if any(k not in self.logps for k in Batch([task], use_sft=use_sft, use_pairs=use_pairs).keys):
+            return True
+        return states and any(k not in self.states for k in Batch([task], use_sft=True, use_pairs=False).keys)
+
     @torch.no_grad()
     def fill(self, model, tasks: Sequence[TaskExample], cfg: TrainConfig, use_sft: bool, use_pairs: bool,
-             batch_size: int = 4, shard: bool = False) -> None:
+             batch_size: int = 4, shard: bool = False, states: bool = False) -> None:
         """Compute missing reference log-probs, a few tasks per forward.
+
+        ``states``: also keep the reference's hidden states at every SFT path's KL positions
+        (`Batch.kl_masks`), the reference side of the full-vocabulary KL (single process only:
+        they are not exchanged between ranks).
 
         ``shard`` (every rank calls it with the same tasks): under torch.distributed each rank
         computes every world-size-th task and the ranks exchange their results, so each
         log-prob is computed once, not once per rank. A `ShardedForward` model (FSDP/ZeRO-3)
         is padded to the busiest rank's forwards before the exchange."""
-        todo = [t for t in tasks if any(k not in self.logps for k in Batch([t], use_sft=use_sft, use_pairs=use_pairs).keys)]
+        todo = [t for t in tasks if self._missing(t, use_sft, use_pairs, states)]
         dist = torch.distributed
         world = dist.get_world_size() if shard and dist.is_available() and dist.is_initialized() else 1
+        if states and world > 1:
+            raise ValueError("ReferenceCache.fill: states are kept in single-process training only")
         if world > 1:
             todo = todo[dist.get_rank()::world]
             before = set(self.logps)
         self.computed = len(todo)
         with reference_mode(model):
             for i in range(0, len(todo), batch_size):
-                b = Batch(todo[i : i + batch_size], use_sft=use_sft, use_pairs=use_pairs)
+                b = Batch(todo[i : i + batch_size], use_sft=use_sft or states, use_pairs=use_pairs)
                 if not b.sequences:
                     continue
-                out = token_logprobs(model, b.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
-                                     fallback=True)
+                if states:
+                    out, rows = token_logprobs(model, b.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
+                                               fallback=True, dist_masks=b.kl_masks(), dist_states=True)
+                    for k, r in zip(b.keys, rows):
+                        if k[1] == "sft" and hasattr(r, "hidden"):  # plain rows (no tapped head): not kept
+                            self.states[k] = r.hidden.detach().cpu()
+                else:
+                    out = token_logprobs(model, b.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
+                                         fallback=True)
                 for k, lp in zip(b.keys, out):
-                    self.logps[k] = lp.detach().float().cpu()
+                    if use_sft or k[1] != "sft":  # SFT paths forwarded only for their states keep none
+                        self.logps[k] = lp.detach().float().cpu()
         if world > 1 and isinstance(model, ShardedForward):
             model.pad()  # the weight gathers of every forward are collectives too
         if world > 1:

@@ -6,7 +6,9 @@
   prefix+chosen, prefix+rejected), gets every sequence's per-token log-probs from **one**
   ``token_logprobs`` call per micro-batch, and combines the loss terms of ``train.losses``.
 * Reference log-probs come from the same model with the LoRA adapter disabled
-  (`train.reference`), computed once before training and cached per example.
+  (`train.reference`), computed once before training and cached per example. In one
+  process the reference's hidden states at the full-KL positions are kept too
+  (`SteerTrainer.keep_states`), so a step runs no reference forward at all.
 * Because it is a plain ``Trainer``, ``accelerate launch`` / ``torchrun`` (DDP) work. Under
   FSDP/ZeRO-3 (parameters sharded between forwards) every forward, the reference's too, goes
   through the wrapper and the ranks forward equally often (`train.distributed`).
@@ -17,6 +19,7 @@ A whole ``steer-train`` run (data, model, outputs) is `train.run.run_training`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from collections import defaultdict
@@ -28,13 +31,16 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from train.batching import Batch
+from train.chunked import HeadStates
 from train.config import TrainConfig
 from train.data import TaskExample
 from train.distributed import ShardedForward, gathered_lora_state, shards_parameters
 from train.losses import (chosen_nll, dpo_loss, dpo_metrics, full_reference_kl, pad_logps, reference_kl, span_logps,
                           weighted_nll)
 from train.logprobs import token_logprobs
-from train.reference import ReferenceCache, reference_mode
+from train.reference import STATES_BYTES, ReferenceCache, reference_mode
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -86,6 +92,7 @@ class SteerTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.history: list[dict[str, float]] = []
         self._pending_reference: list[Sequence[TaskExample]] = []
+        self._keep_states = False  # set by prepare_reference (`keep_states`)
         self._sharded_fwd: ShardedForward | None = None
 
     @property
@@ -103,6 +110,22 @@ class SteerTrainer(Trainer):
         reads them (the full KL recomputes whole rows each step)."""
         return self.steer_config.token_kl
 
+    def keep_states(self, *datasets: Sequence[TaskExample]) -> bool:
+        """Whether the reference side of the full KL is computed once and kept
+        (`ReferenceCache.states`) rather than by a reference forward at every step: with the
+        full KL, in one process, when the hidden states of every KL position of ``datasets``
+        fit in `train.reference.STATES_BYTES`."""
+        if not self.steer_config.full_kl or self.args.world_size > 1 or self.sharded:
+            return False
+        positions = sum(sum(s.model_mask[1:]) for ds in datasets for t in ds for s in t.sft)
+        p = next(self.model.parameters())
+        need = positions * int(self.model.config.hidden_size) * p.element_size()
+        if need > STATES_BYTES:
+            log.info("reference KL rows recomputed each step: keeping %d positions' hidden states would take %.1f GiB",
+                     positions, need / 2**30)
+            return False
+        return True
+
     @property
     def sharded(self) -> bool:
         """Whether the parameters are sharded between forwards (FSDP 1/2, ZeRO-3)."""
@@ -116,8 +139,10 @@ class SteerTrainer(Trainer):
         if self.sharded:
             self._pending_reference.extend(datasets)
             return
+        self._keep_states = self.keep_states(*datasets)
         for ds in datasets:
-            self.reference.fill(self.model, ds, self.steer_config, self.sft_reference, self.use_pairs, shard=True)
+            self.reference.fill(self.model, ds, self.steer_config, self.sft_reference, self.use_pairs, shard=True,
+                                states=self._keep_states)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under FSDP (checkpoints included) gather only the LoRA tensors, on every rank at once,
@@ -177,7 +202,7 @@ class SteerTrainer(Trainer):
         batch = Batch(tasks, use_sft=self.use_sft, use_pairs=self.use_pairs)
         missing = [k for k in batch.keys if k not in self.reference and (self.sft_reference or k[1] != "sft")]
         if missing:  # examples not seen by prepare_reference (e.g. a custom dataset)
-            self.reference.fill(ref_model, tasks, cfg, self.sft_reference, self.use_pairs)
+            self.reference.fill(ref_model, tasks, cfg, self.sft_reference, self.use_pairs, states=self._keep_states)
         if not batch.sequences:
             # Nothing to learn here, but under DDP the other ranks' backward waits for this
             # rank's gradient all-reduce, which only a forward through the wrapper arms: forward
@@ -249,7 +274,9 @@ class SteerTrainer(Trainer):
         ref = self.reference.get(batch.keys, device, sft=self.sft_reference)
         terms = self.loss_terms(batch, logps, ref, device, norms)
         if dists is not None:
-            ref_dists = self.reference_dists(inner, batch, [masks[i] for i in batch.sft_idx])
+            ref_dists = self.cached_reference_dists(batch, [dists[i] for i in batch.sft_idx], device)
+            if ref_dists is None:
+                ref_dists = self.reference_dists(inner, batch, [masks[i] for i in batch.sft_idx])
             kl = full_reference_kl([dists[i] for i in batch.sft_idx], ref_dists, cfg.kl_direction)
             n = sum(len(r) for r in ref_dists)
             if n:
@@ -257,6 +284,17 @@ class SteerTrainer(Trainer):
                 terms["loss"] = terms["loss"] + cfg.kl_weight * kl
                 terms["kl"] = kl.detach()
         return terms
+
+    def cached_reference_dists(self, batch: Batch, policy: list, device) -> list | None:
+        """The reference side of the full KL from the kept hidden states (`keep_states`), with
+        the policy's own output layer (LoRA never adapts it: checked, it must be frozen);
+        None when they were not kept."""
+        if not self._keep_states or not all(isinstance(d, HeadStates) for d in policy):
+            return None
+        if any(d.head.weight.requires_grad for d in policy):
+            return None
+        hs = self.reference.states_of([batch.keys[i] for i in batch.sft_idx], device)
+        return None if hs is None else [HeadStates(h, d.head) for h, d in zip(hs, policy)]
 
     @torch.no_grad()
     def reference_dists(self, model, batch: Batch, masks: list) -> list:

@@ -181,6 +181,52 @@ def test_full_kl_matches_the_exact_kl_of_one_forward(tmp_path):
     assert n > 0 and got == pytest.approx(total / n, rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.parametrize("kl_mode", ["full", "forward"])
+def test_kept_reference_states_replace_the_per_step_reference_forward(kl_mode, tmp_path, monkeypatch):
+    """With the full KL the reference's hidden states at the KL positions are computed once
+    (`ReferenceCache.states`); a step then runs no reference forward, and its loss and
+    gradients are those of the per-step reference forward (same float32 arithmetic on
+    other groupings of the rows: 1e-5 is rounding). Over the memory cap it falls back."""
+    import train.trainer as trainer_mod
+    from train.trainer import training_arguments
+
+    cfg = make_config(data=["x"], out=str(tmp_path), objective="dpo", lora_r=4, lora_dropout=0.0, kl_weight=2.0,
+                      kl_mode=kl_mode, progress=False)
+    tasks = [build_task(synthetic_tree(f"t{i}", i), DataOptions()) for i in range(3)]
+    model = build_peft_model(tiny_llama(), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.2)  # an adapter that has moved, so the KL and its gradient are not 0
+
+    def run(cap):
+        monkeypatch.setattr(trainer_mod, "STATES_BYTES", cap)
+        tr = SteerTrainer(model=model, args=training_arguments(cfg, tmp_path), train_dataset=TaskDataset(tasks),
+                          steer_config=cfg)
+        tr.prepare_reference(tasks)
+        calls = []
+        real = tr.reference_dists
+        monkeypatch.setattr(tr, "reference_dists", lambda *a, **k: calls.append(1) or real(*a, **k))
+        model.zero_grad()
+        loss = tr.compute_loss(model, {"tasks": tasks})
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return tr, float(loss), grads, len(calls), tr._metrics["kl"][-1]
+
+    kept, loss_k, g_k, calls_k, kl_k = run(1 << 30)
+    n_pos = sum(sum(s.model_mask[1:]) for t in tasks for s in t.sft)
+    assert len(kept.reference.states) == sum(len(t.sft) for t in tasks)
+    assert sum(len(h) for h in kept.reference.states.values()) == n_pos > 0
+    assert calls_k == 0
+    fresh, loss_f, g_f, calls_f, kl_f = run(0)  # cap 0 bytes: recomputed each step
+    assert not fresh.reference.states and calls_f == 1
+    assert kl_k > 1e-4 and kl_k == pytest.approx(kl_f, abs=1e-6)
+    assert loss_k == pytest.approx(loss_f, abs=1e-5)
+    assert g_k.keys() == g_f.keys() and g_k
+    for n in g_k:
+        torch.testing.assert_close(g_k[n], g_f[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_lora_layers_puts_lora_on_the_chosen_blocks_only(tmp_path):
     cfg = make_config(data=["x"], out=str(tmp_path), lora_r=4, lora_layers="last:1")
     model = build_peft_model(tiny_llama(), cfg)
