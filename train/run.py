@@ -125,7 +125,9 @@ def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dic
     args = training_arguments(cfg, out)
     trainer = SteerTrainer(model=model, args=args, train_dataset=TaskDataset(ds.train), steer_config=cfg,
                            callbacks=[StopOnNonFinite()])
-    trainer.prepare_reference(ds.train)
+    t_ref = time.time()
+    trainer.prepare_reference(ds.train)  # once, before the steps (part of what an epoch costs)
+    reference_s = time.time() - t_ref
     memory = _memory_check(trainer, ds.train)
     eval_tasks = ds.eval
     resume = None
@@ -152,7 +154,8 @@ def run_training(cfg: TrainConfig, *, allow_model_mismatch: bool = False) -> dic
         "attn_implementation": attn,
         "memory_estimate": memory,
         "train": {"global_step": trainer.state.global_step, "world_size": trainer.args.world_size, "train_loss": float(result.training_loss),
-                  "seconds": round(train_s, 2), "steps_per_second": round(trainer.state.global_step / max(train_s, 1e-9), 4),
+                  "seconds": round(train_s, 2), "reference_seconds": round(reference_s, 2),
+                  "steps_per_second": round(trainer.state.global_step / max(train_s, 1e-9), 4),
                   **describe(trainer.accelerator)},
         "history": trainer.history,
         "eval": evaluation,
