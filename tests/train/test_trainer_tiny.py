@@ -150,9 +150,10 @@ def test_training_arguments_refuse_an_unknown_field_by_name(tmp_path):
     assert training_arguments(cfg, tmp_path).learning_rate == cfg.lr
 
 
-def test_full_kl_matches_the_exact_kl_of_one_forward(tmp_path):
+@pytest.mark.parametrize("kl_mode", ["full", "forward", "symmetric"])
+def test_full_kl_matches_the_exact_kl_of_one_forward(kl_mode, tmp_path):
     cfg = make_config(data=["x"], out=str(tmp_path), objective="sft", lora_r=4, lora_dropout=0.0, kl_weight=1.0,
-                      sft_weight=0.0, progress=False)
+                      kl_mode=kl_mode, sft_weight=0.0, progress=False)
     task = build_task(synthetic_tree("t", 3), DataOptions())
     base = tiny_llama()
     model = build_peft_model(base, cfg)
@@ -176,7 +177,9 @@ def test_full_kl_matches_the_exact_kl_of_one_forward(tmp_path):
             with model.disable_adapter():
                 lq = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
             m = torch.tensor(s.model_mask[1:], dtype=torch.bool)
-            total += float((lp.exp() * (lp - lq)).sum(-1)[m].sum())
+            rev, fwd = (lp.exp() * (lp - lq)).sum(-1), (lq.exp() * (lq - lp)).sum(-1)
+            per = {"full": rev, "forward": fwd, "symmetric": rev + fwd}[kl_mode]
+            total += float(per[m].sum())
             n += int(m.sum())
     assert n > 0 and got == pytest.approx(total / n, rel=1e-4, abs=1e-7)
 
