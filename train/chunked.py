@@ -191,7 +191,9 @@ def kl_rows(lp: Tensor, lq: Tensor, direction: str = "reverse") -> Tensor:
         return (lp.exp() * d).sum(-1)
     if direction == "forward":
         return -(lq.exp() * d).sum(-1)
-    return ((lp.exp() - lq.exp()) * d).sum(-1)
+    if direction == "symmetric":
+        return ((lp.exp() - lq.exp()) * d).sum(-1)
+    raise ValueError(f"KL direction must be one of {KL_DIRECTIONS}, got {direction!r}")
 
 
 def head_full_kl(policy: Tensor, reference: Tensor, head: LMHead, direction: str = "reverse") -> Tensor:
@@ -199,8 +201,8 @@ def head_full_kl(policy: Tensor, reference: Tensor, head: LMHead, direction: str
     the softmax of ``head`` applied to the policy / reference hidden states (both ``[n, H]``;
     no gradient reaches ``reference``). ``direction``: ``"reverse"`` is that KL(p ‖ q),
     ``"forward"`` KL(q ‖ p) = ``sum_v q(v) (log q(v) - log p(v))``, ``"symmetric"`` their sum."""
-    if direction not in KL_DIRECTIONS:
-        raise ValueError(f"head_full_kl: direction must be one of {KL_DIRECTIONS}, got {direction!r}")
+    if direction not in KL_DIRECTIONS:  # before any chunk runs
+        raise ValueError(f"head_full_kl: KL direction must be one of {KL_DIRECTIONS}, got {direction!r}")
     if policy.shape != reference.shape:
         raise ValueError(f"head_full_kl: policy {tuple(policy.shape)} vs reference {tuple(reference.shape)}")
     n = int(policy.shape[0])

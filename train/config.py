@@ -13,9 +13,8 @@ of 12-20 tokens (length x0.91, repeated 4-grams x1.07, the rest within 1%). They
   corrected paths (`train.losses.full_reference_kl`). The other direction, ``"full"`` =
   KL(policy ‖ reference), is mode-seeking: at lr 5e-4 it let the adapter sharpen into loops
   (repeated 4-grams x1.58 on rewrite steers, where forward gave x1.07 at the same drop), and
-  at lr 2e-4, where it held, the drop on rewrite steers was 47%. ``kl_mode = "token"`` is another
-  divergence, not a cheaper form of the same one: the one-token k3 estimate of the reverse
-  direction, KL(reference ‖ policy), from the sampled tokens only
+  at lr 2e-4, where it held, the drop on rewrite steers was 47%. ``kl_mode = "token"`` is the
+  one-token k3 estimate of the default's KL(reference ‖ policy), from the sampled tokens only
   (`train.losses.reference_kl`); even at weight 4 it let answers get shorter (share ending
   early 0.15 -> 0.33-0.57);
 * ``lr = 5e-4`` for 1 epoch, beta 0.1 (sigmoid), LoRA r=16 / alpha=16 / dropout 0.05 on

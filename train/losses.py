@@ -198,7 +198,7 @@ def chosen_nll(policy_chosen: Tensor, chosen_lengths: Tensor) -> Tensor:
 
 def reference_kl(policy: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
     """Estimate of KL(reference ‖ policy) from tokens the reference model sampled (the
-    reverse direction of :func:`full_reference_kl`'s exact KL(policy ‖ reference)).
+    one-token estimate of :func:`full_reference_kl` with ``direction="forward"``).
 
     The model-written tokens in a steer tree were sampled from the base model (the
     reference), so ``k3 = exp(lp - lr) - 1 - (lp - lr)`` (``lp``/``lr`` = policy/reference

@@ -107,7 +107,7 @@ class SteerTrainer(Trainer):
     @property
     def sft_reference(self) -> bool:
         """Whether the SFT paths need cached reference log-probs: only the one-token KL
-        reads them (the full KL recomputes whole rows each step)."""
+        reads them (the full KL needs whole rows: `keep_states`)."""
         return self.steer_config.token_kl
 
     def keep_states(self, *datasets: Sequence[TaskExample]) -> bool:

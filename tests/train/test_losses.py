@@ -176,6 +176,8 @@ def test_full_reference_kl_forward_and_symmetric_by_hand():
     ref = torch.log(t([[0.5, 0.25, 0.25]]))
     f, r = (full_reference_kl([dropped], [ref], d).item() for d in ("forward", "reverse"))
     assert f > 2.5 and r < 0.31  # forward: 0.25 * log(0.25 / 1e-6) dominates; reverse barely sees it
+    with pytest.raises(ValueError, match="KL direction must be one of"):
+        full_reference_kl([p], [q], "backward")
 
 
 def test_full_reference_kl_rejects_mismatched_inputs():
