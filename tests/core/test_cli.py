@@ -214,6 +214,10 @@ def test_ctrl_c_during_auto_steering_exits_130_and_keeps_the_saved_tasks(tmp_pat
          "--rules", str(rules), "--tasks", str(tasks), "--samples", "1000", "--max-tokens", "64", "--n-ctx", "512",
          "--store", str(store)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(repo),
+        # as from a terminal: a shell without job control (a CI runner's `cmd &`) starts the
+        # suite with SIGINT ignored, the child inherits that, Python then installs no
+        # KeyboardInterrupt handler and the signal is lost (the old intermittent 60 s hang)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
