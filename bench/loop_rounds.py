@@ -110,6 +110,7 @@ def finish_point(loop: ModuleType, base: dict, tuned: dict, steers: int, seconds
     res["train_steers"] = steers
     res["train_seconds"] = seconds
     res["adapter_dir"] = str(tdir)  # where adapter.gguf is (a cached point: where it was trained)
+    res["key"] = key
     blob = json.dumps({"key": key, "tuned": tuned, "train_steers": steers, "train_seconds": seconds,
                        "adapter_dir": str(tdir)})
     tdir.mkdir(parents=True, exist_ok=True)
@@ -175,7 +176,8 @@ def run_rounds(loop: ModuleType, ns: Any, st: Any, cache: Path, model_sha: str, 
     for k in range(1, n_rounds + 1):
         if k > 1:
             t0 = time.time()
-            got = capture_with_adapter(loop, st, adapter, k, all_steers, rdir / f"capture-{k}.json")
+            shared = ns.out / "round-captures" / f"{k}-{rows[-1]['key']}"  # by adapter k-1: round 2 is the same in both modes
+            got = capture_with_adapter(loop, st, adapter, k, all_steers, rdir / f"capture-{k}.json", shared)
             captured.append(got)
             loop.log(f"round {k}: captured {got} steers with adapter {k - 1} in {time.time() - t0:.0f}s")
         args_k = train_args
@@ -200,9 +202,12 @@ def run_rounds(loop: ModuleType, ns: Any, st: Any, cache: Path, model_sha: str, 
     return report
 
 
-def capture_with_adapter(loop: ModuleType, st: Any, adapter: Path, k: int, dst: Path, done: Path) -> int:
+def capture_with_adapter(loop: ModuleType, st: Any, adapter: Path, k: int, dst: Path, done: Path,
+                         shared: Path | None = None) -> int:
     """Round k's capture: the training prompts again with other seeds, steered by the rules
-    on base + the previous adapter; its task files join ``dst`` (once: ``done`` records it)."""
+    on base + the previous adapter; its task files join ``dst`` (once: ``done`` records it).
+    ``shared`` (a folder named by adapter k-1's point) keeps a copy, so the other
+    ``--rounds-from`` mode reuses it when its adapter k-1 is the same one."""
     import dataclasses
     import tempfile
 
@@ -210,6 +215,13 @@ def capture_with_adapter(loop: ModuleType, st: Any, adapter: Path, k: int, dst: 
         return json.loads(done.read_text())["steers"]
     for stale in dst.glob(f"r{k}-*.json"):  # an interrupted capture: start over
         stale.unlink()
+    if shared is not None and (shared / "capture.json").is_file():
+        for f in shared.glob("*.json"):
+            if f.name != "capture.json":
+                shutil.copy2(f, dst / f"r{k}-{f.name}")
+        shutil.copy2(shared / "capture.json", done)
+        loop.log(f"round {k}: capture reused from {shared}")
+        return json.loads(done.read_text())["steers"]
 
     tasks = loop.load_tasks(st.train_prompts)
     engine = loop.open_engine(None, n_ctx=st.n_ctx, n_threads=st.threads, adapter=adapter)
@@ -217,11 +229,18 @@ def capture_with_adapter(loop: ModuleType, st: Any, adapter: Path, k: int, dst: 
     try:
         with tempfile.TemporaryDirectory(prefix=f"steer-round{k}-") as tmp:
             res = loop.steer_run(engine, tasks, st_k, loop.Store(tmp), st.samples, max_steers=st.max_steers)
+            if shared is not None:
+                shutil.rmtree(shared, ignore_errors=True)
+                shared.mkdir(parents=True)
             for f in (Path(tmp) / "tasks").glob("*.json"):
                 shutil.copy2(f, dst / f"r{k}-{f.name}")
+                if shared is not None:
+                    shutil.copy2(f, shared / f.name)
     finally:
         engine.close()
     done.write_text(json.dumps({"steers": res["steers"], "model_tokens": res["model_tokens"]}))
+    if shared is not None:  # written last: a folder without it is an interrupted copy
+        shutil.copy2(done, shared / "capture.json")
     return res["steers"]
 
 

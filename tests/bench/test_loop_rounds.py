@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,21 @@ def test_subsets_are_nested_and_in_capture_order(tmp_path):
     assert got[100] == got[9]  # all there is
     for a, b in ((1, 4), (4, 9)):
         assert set(got[a][1]) <= set(got[b][1])
+
+
+def test_a_round_capture_is_reused_by_the_other_mode(tmp_path):
+    """Round 2 captures with adapter 1, which both --rounds-from modes train the same way:
+    the second mode copies the first one's capture instead of steering for ten minutes."""
+    shared = tmp_path / "round-captures" / "2-abc"
+    shared.mkdir(parents=True)
+    (shared / "t9.json").write_text('{"id": "t9"}')
+    (shared / "capture.json").write_text(json.dumps({"steers": 7, "model_tokens": 900}))
+    dst, done = tmp_path / "steers", tmp_path / "capture-2.json"
+    dst.mkdir()
+    (dst / "r2-stale.json").write_text("{}")  # an interrupted capture of this mode
+    logged = []
+    loop = types.SimpleNamespace(log=logged.append)  # no engine: steering would fail here
+    got = loop_rounds.capture_with_adapter(loop, None, tmp_path / "a.gguf", 2, dst, done, shared)
+    assert got == 7 and json.loads(done.read_text())["steers"] == 7
+    assert sorted(p.name for p in dst.iterdir()) == ["r2-t9.json"]
+    assert logged and "reused" in logged[0]
