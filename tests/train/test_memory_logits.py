@@ -148,6 +148,61 @@ def test_head_full_kl_other_directions_against_plain_autograd(direction):
         head_full_kl(h, r, LMHead(w, None, None, 3), "backward")
 
 
+@pytest.mark.parametrize("direction", ["reverse", "forward", "symmetric"])
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_frozen_head_kl_gradient_by_hand_equals_autograd(direction, cap):
+    """With the output layer frozen (LoRA), `head_full_kl` computes each row's gradient in
+    forward from the softmax Jacobian written by hand (no recomputation in backward). Values
+    and the gradient reaching the hidden states equal the materialised form's autograd, with
+    a bias, a softcap and uneven chunks; the per-row upstream gradients differ so that a
+    gradient not scaled per row would show. fp32 bounds as above (the head's softmax is fp32)."""
+    torch.manual_seed(2)
+    h = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(9, 8, dtype=torch.float64)
+    w, b = torch.randn(40, 8, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    up = torch.linspace(-1.0, 2.0, 9)
+    kl = head_full_kl(h, r, LMHead(w, b, cap, 4), direction)
+    assert type(kl.grad_fn).__name__ == "_KLHeadBackward"  # the by-hand path, not the recomputing one
+    (kl * up).sum().backward()
+    got = h.grad.clone()
+    h.grad = None
+    z, zr = h @ w.T + b, r @ w.T + b
+    if cap:
+        z, zr = torch.tanh(z / cap) * cap, torch.tanh(zr / cap) * cap
+    lp, lq = z.float().log_softmax(-1), zr.detach().float().log_softmax(-1)
+    rev, fwd = (lp.exp() * (lp - lq)).sum(-1), (lq.exp() * (lq - lp)).sum(-1)
+    want = {"reverse": rev, "forward": fwd, "symmetric": rev + fwd}[direction]
+    (want * up).sum().backward()
+    torch.testing.assert_close(kl, want, atol=VAL_TOL, rtol=0)
+    torch.testing.assert_close(got, h.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_frozen_head_token_logprob_gradient_by_hand_equals_autograd(cap):
+    """With the output layer frozen, `head_token_logprobs` keeps ``(p * c) @ W`` per row from
+    forward and gathers ``W_t`` in backward. Several edges read one row (a branch point),
+    rows read by none, uneven chunks, a bias and a softcap; each edge has its own upstream
+    gradient. Bounds: the fp32 ones of the tests above."""
+    torch.manual_seed(3)
+    h = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(40, 8, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    src = torch.tensor([9, 0, 3, 3, 3, 7, 2, 2])
+    tgt = torch.tensor([1, 39, 0, 5, 5, 2, 3, 4])
+    up = torch.linspace(-2.0, 1.5, 8)
+    got = head_token_logprobs(h, LMHead(w, b, cap, 3), src, tgt)
+    assert type(got.grad_fn.next_functions[0][0]).__name__ == "_TokenHeadBackward"
+    (got * up).sum().backward()
+    g = h.grad.clone()
+    h.grad = None
+    z = h @ w.T + b
+    if cap:
+        z = torch.tanh(z / cap) * cap
+    want = z.float().log_softmax(-1)[src, tgt]
+    (want * up).sum().backward()
+    torch.testing.assert_close(got, want, atol=VAL_TOL, rtol=0)
+    torch.testing.assert_close(g, h.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_softcapped_head_is_chunked_and_exact():
     """Gemma-2 caps its logits after the output layer; `LMHead` applies the same cap."""
     m = tiny(cls=transformers.Gemma2ForCausalLM, config_cls=transformers.Gemma2Config, head_dim=8,
