@@ -107,9 +107,13 @@ def step_seconds(model, seq: list[int], fused: bool) -> float:
     return time.perf_counter() - t0
 
 
-def timing(tokens: int, vocab: int, hidden: int, reps: int = 3) -> tuple[float, float]:
-    """Median seconds, plain vs chunked, interleaved on one model (real CPU)."""
+def timing(tokens: int, vocab: int, hidden: int, reps: int = 3, frozen_head: bool = False) -> tuple[float, float]:
+    """Median seconds, plain vs chunked, interleaved on one model (real CPU). ``frozen_head``:
+    the (tied) output layer gets no gradient, as under LoRA, so the chunked path takes its
+    by-hand gradients instead of recomputing in backward."""
     model = tiny_model(vocab, hidden, "cpu")
+    if frozen_head:
+        model.get_output_embeddings().weight.requires_grad_(False)
     seq = [(7 * i + 3) % vocab for i in range(tokens)]
     runs = {False: [], True: []}
     for _ in range(reps):
@@ -133,6 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check-tokens", type=int, default=256, help="T of the meta-vs-real check (0: skip)")
     ap.add_argument("--time", type=int, default=0, metavar="T",
                     help="also time the step (plain vs chunked, real CPU) on a row of T tokens")
+    ap.add_argument("--frozen-head", action="store_true",
+                    help="with --time: the output layer frozen, as under LoRA (the by-hand gradient path)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
@@ -165,8 +171,9 @@ def main(argv=None) -> int:
               f"(hidden {args.hidden}: {4 * args.hidden} bytes of fp32 hidden state per saved row); "
               f"before: {r1['before']['head'] / r1['T'] / (4 * args.vocab):.2f} x V x 4 bytes")
     if args.time:
-        plain, chunked = timing(args.time, args.vocab, args.hidden)
-        print(f"\nstep time at T={args.time} (reference pass + loss + backward, median of 3, interleaved): "
+        plain, chunked = timing(args.time, args.vocab, args.hidden, frozen_head=args.frozen_head)
+        print(f"\nstep time at T={args.time}{', output layer frozen' if args.frozen_head else ''} "
+              "(reference pass + loss + backward, median of 3, interleaved): "
               f"plain {plain:.2f} s, chunked {chunked:.2f} s, x{chunked / plain:.2f}")
     return 0
 
