@@ -67,10 +67,16 @@ class LMHead:
         return int(self.chunk or chunk_rows(self.vocab))
 
     def logits(self, h: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-        z = F.linear(h, self.weight if weight is None else weight, self.bias if bias is None else bias)
-        if self.softcap:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z.float()
+        return self.capped(h, weight, bias)[0]
+
+    def capped(self, h: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The fp32 logits and, with a softcap, ``tanh(y / cap)`` of the layer's output ``y``
+        (its derivative ``1 - tanh^2`` is what the by-hand gradients need)."""
+        y = F.linear(h, self.weight if weight is None else weight, self.bias if bias is None else bias)
+        if not self.softcap:
+            return y.float(), None
+        t = torch.tanh(y / self.softcap)
+        return (t * self.softcap).float(), t
 
 
 @dataclass
@@ -183,7 +189,7 @@ def head_token_logprobs(hidden: Tensor, head: LMHead, src: Tensor, tgt: Tensor) 
     parts = [(s_sorted[cut[i]:cut[i + 1]] - a, t_sorted[cut[i]:cut[i + 1]]) for i, (a, _) in enumerate(chunks)]
 
     if _by_hand(head, hidden):
-        flat = _TokenHead.apply(hidden, head, chunks, parts, hidden.requires_grad)
+        flat = _TokenHead.apply(hidden, head, chunks, parts, hidden.requires_grad and torch.is_grad_enabled())
     else:
         flat = _Chunked.apply(_token_compute(head, parts), chunks, hidden, head.weight, head.bias, None)
     inv = torch.empty_like(order)
@@ -214,9 +220,7 @@ class _TokenHead(torch.autograd.Function):
         w, b = head.weight.detach(), None if head.bias is None else head.bias.detach()
         with torch.no_grad():
             for (a, e), (loc, t) in zip(chunks, parts):
-                y = F.linear(hidden[a:e], w, b)
-                th = torch.tanh(y / head.softcap) if head.softcap else None  # as LMHead.logits caps
-                z = (y if th is None else th * head.softcap).float()
+                z, th = head.capped(hidden[a:e], w, b)
                 lse = torch.logsumexp(z, dim=-1)
                 outs.append(z[loc, t] - lse[loc])
                 if need_grad:
@@ -227,8 +231,8 @@ class _TokenHead(torch.autograd.Function):
                         cs.append(c[loc, t])
                     rows_a.append(pc.to(w.dtype) @ w)
         if need_grad:
-            src = torch.cat([loc + a for (a, _), (loc, _t) in zip(chunks, parts)]) if parts else None
-            tgt = torch.cat([t for _loc, t in parts]) if parts else None
+            src = torch.cat([loc + a for (a, _), (loc, _t) in zip(chunks, parts)])
+            tgt = torch.cat([t for _loc, t in parts])
             ctx.save_for_backward(torch.cat(rows_a), src, tgt, *(torch.cat(cs),) if cs else ())
             ctx.head, ctx.dtype = head, hidden.dtype
         return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
@@ -294,9 +298,8 @@ class _KLHead(torch.autograd.Function):
         w, b = head.weight.detach(), None if head.bias is None else head.bias.detach()
         with torch.no_grad():
             for a, e in _bounds(int(policy.shape[0]), head.rows):
-                y = F.linear(policy[a:e], w, b)
-                t = torch.tanh(y / head.softcap) if head.softcap else None  # as LMHead.logits caps
-                lp = (y if t is None else t * head.softcap).float().log_softmax(-1)
+                z, t = head.capped(policy[a:e], w, b)
+                lp = z.log_softmax(-1)
                 lq = head.logits(reference[a:e], w, b).log_softmax(-1)
                 kl = kl_rows(lp, lq, direction)
                 outs.append(kl)
@@ -329,7 +332,8 @@ def head_full_kl(policy: Tensor, reference: Tensor, head: LMHead, direction: str
         return policy.sum(-1).float() * 0.0
 
     if _by_hand(head, policy):
-        return _KLHead.apply(policy, reference.detach(), head, direction, policy.requires_grad)
+        return _KLHead.apply(policy, reference.detach(), head, direction,
+                             policy.requires_grad and torch.is_grad_enabled())
 
     def compute(i, h, w, b, ref):
         lp = head.logits(h, w, b).log_softmax(-1)
