@@ -69,7 +69,8 @@ class LMHead:
     def logits(self, h: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         return self.capped(h, weight, bias)[0]
 
-    def capped(self, h: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def capped(self, h: Tensor, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The fp32 logits and, with a softcap, ``tanh(y / cap)`` of the layer's output ``y``
         (its derivative ``1 - tanh^2`` is what the by-hand gradients need)."""
         y = F.linear(h, self.weight if weight is None else weight, self.bias if bias is None else bias)
