@@ -166,10 +166,10 @@ def run_rounds(loop: ModuleType, ns: Any, st: Any, cache: Path, model_sha: str, 
     train_args = loop.shlex.split(ns.train_args)
     mode = getattr(ns, "rounds_from", "base")
     rdir = ns.out / ("rounds" if mode == "base" else f"rounds-{mode}")
-    all_steers = rdir / "steers"
     first = rdir / "capture-1.json"  # round 1: the whole capture (kept with later rounds' files on a rerun)
-    if not first.is_file() or json.loads(first.read_text()).get("data") != str(data):
-        subset(data, cap["records"], 10**9, all_steers)
+    stale = not first.is_file() or json.loads(first.read_text()).get("data") != str(data)
+    if stale or not (rdir / "captured" / "1").is_dir():
+        subset(data, cap["records"], 10**9, rdir / "captured" / "1")
         first.write_text(json.dumps({"data": str(data), "steers": cap["steers"]}))
     rows, captured = [], [cap["steers"]]
     adapter: Path | None = None
@@ -177,9 +177,12 @@ def run_rounds(loop: ModuleType, ns: Any, st: Any, cache: Path, model_sha: str, 
         if k > 1:
             t0 = time.time()
             shared = ns.out / "round-captures" / f"{k}-{rows[-1]['key']}"  # by adapter k-1: round 2 is the same in both modes
-            got = capture_with_adapter(loop, st, adapter, k, all_steers, rdir / f"capture-{k}.json", shared)
+            own = rdir / "captured" / str(k)
+            own.mkdir(parents=True, exist_ok=True)
+            got = capture_with_adapter(loop, st, adapter, k, own, rdir / f"capture-{k}.json", shared)
             captured.append(got)
             loop.log(f"round {k}: captured {got} steers with adapter {k - 1} in {time.time() - t0:.0f}s")
+        all_steers = round_data(rdir, k)
         args_k = train_args
         if mode == "continue" and adapter is not None:
             args_k = [*train_args, "--init-adapter", str(adapter.parent)]
@@ -200,6 +203,20 @@ def run_rounds(loop: ModuleType, ns: Any, st: Any, cache: Path, model_sha: str, 
     plot(rdir.parent / f"{rdir.name}.png", [r["round"] for r in rows], rows, "round",
          f"held-out steer rate per round (adapter k: {how.split(' (')[0]} + all steers of rounds 1..k)", base=base)
     return report
+
+
+def round_data(rdir: Path, k: int) -> Path:
+    """Adapter k's training data: the task files of rounds 1..k (``rdir/captured/j``), copied
+    afresh into ``rdir/steers-k``. Each round has its own folder, so a rerun in the same
+    ``--out`` trains round 1 on round 1's steers even when later rounds were captured before."""
+    dst = rdir / f"steers-{k}"
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for j in range(1, k + 1):
+        for f in sorted((rdir / "captured" / str(j)).glob("*.json")):
+            shutil.copy2(f, dst / f.name)
+    return dst
 
 
 def capture_with_adapter(loop: ModuleType, st: Any, adapter: Path, k: int, dst: Path, done: Path,

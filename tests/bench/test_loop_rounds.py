@@ -73,3 +73,56 @@ def test_a_round_capture_is_reused_by_the_other_mode(tmp_path):
     assert got == 7 and json.loads(done.read_text())["steers"] == 7
     assert sorted(p.name for p in dst.iterdir()) == ["r2-t9.json"]
     assert logged and "reused" in logged[0]
+
+
+def fake_loop(tmp_path, trained):
+    """The parts of bench/loop.py that run_rounds calls, without an engine or steer-train:
+    ``train`` records which task files each adapter was trained on."""
+    import shlex
+
+    data = tmp_path / "capture"
+    data.mkdir(exist_ok=True)
+    for name in ("a", "b"):
+        (data / f"{name}.json").write_text(f'{{"id": "{name}"}}')
+    cap = {"steers": 4, "records": [{"task": "a", "steers": 3, "model_tokens": 50},
+                                    {"task": "b", "steers": 1, "model_tokens": 50}]}
+    base = {"steers": 9, "model_tokens": 1000, "steers_per_1k_tokens": 9.0, "records": []}
+
+    def train(d, tdir, args):
+        trained.append((tdir.name, sorted(f.name for f in d.glob("*.json")), list(args)))
+        tdir.mkdir(parents=True, exist_ok=True)
+        (tdir / "adapter.gguf").write_bytes(b"GGUF")
+        return {"data": {"train_steers": 4}, "train": {"seconds": 1.0}}
+
+    return types.SimpleNamespace(
+        capture=lambda st, cache, sha: (data, cap), heldout_base=lambda st, cache, sha: (None, base),
+        shlex=shlex, log=lambda msg: None, train=train,
+        heldout_tuned=lambda st, gguf: {"steers": 2, "model_tokens": 1000, "steers_per_1k_tokens": 2.0, "records": []},
+        compare=lambda b, t, acc, target: {"steer_rate": {}, "guards": {}})
+
+
+def test_a_rerun_trains_each_round_on_its_own_rounds_steers(tmp_path, monkeypatch):
+    """Round 1 trains on round 1's steers only, also when the same --out already holds round 2's
+    capture from an earlier run (the bug: one shared folder, so a rerun's round 1 saw round 2's
+    steers and took round 2's cached adapter as adapter 1)."""
+    captures = []
+
+    def fake_capture(loop, st, adapter, k, dst, done, shared=None):
+        captures.append((k, adapter.parent.name))
+        (dst / f"r{k}-c.json").write_text('{"id": "c"}')
+        done.write_text(json.dumps({"steers": 2}))
+        return 2
+
+    monkeypatch.setattr(loop_rounds, "capture_with_adapter", fake_capture)
+    monkeypatch.setattr(loop_rounds, "plot", lambda *a, **k: None)
+    monkeypatch.setattr(loop_rounds, "row", lambda label, res: label)
+    monkeypatch.setattr(loop_rounds, "POINTS", None)  # no point cache: every round trains
+    out = tmp_path / "out"
+    for mode in ("continue", "continue"):  # the second run finds round 2's files in place
+        trained = []
+        ns = types.SimpleNamespace(out=out, train_args="", rounds_from=mode, target_drop=0.5)
+        loop_rounds.run_rounds(fake_loop(tmp_path, trained), ns, None, tmp_path, "sha", 2)
+        assert [t[:2] for t in trained] == [("adapter-1", ["a.json", "b.json"]),
+                                            ("adapter-2", ["a.json", "b.json", "r2-c.json"])]
+        assert trained[1][2][-2:] == ["--init-adapter", str(out / "rounds-continue" / "adapter-1")]
+    assert [k for k, _ in captures] == [2, 2]
