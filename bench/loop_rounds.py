@@ -202,7 +202,55 @@ def run_rounds(loop: ModuleType, ns: Any, st: Any, cache: Path, model_sha: str, 
         print(row(f"round {r['round']}", r))
     plot(rdir.parent / f"{rdir.name}.png", [r["round"] for r in rows], rows, "round",
          f"held-out steer rate per round (adapter k: {how.split(' (')[0]} + all steers of rounds 1..k)", base=base)
+    plot_modes(ns.out)
     return report
+
+
+MODES = (("rounds", "from the base model"), ("rounds-continue", "continuing adapter k-1"))
+
+
+def plot_modes(out: Path) -> Path | None:
+    """``rounds-modes.png``: both ``--rounds-from`` modes on one plot, once both were run in
+    ``out`` (the steer rate per round with its standard error; length and repeated 4-grams)."""
+    runs = [(json.loads((out / f"{name}.json").read_text()), label) for name, label in MODES
+            if (out / f"{name}.json").is_file()]
+    if len(runs) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+    b = runs[0][0]["base"]["steers_per_1k_tokens"]
+    for (rep, label), style in zip(runs, ("o-", "s--")):
+        ks = [r["round"] for r in rep["rounds"]]
+        a1.errorbar([0, *ks], [b, *(r["steer_rate"]["tuned"] for r in rep["rounds"])],
+                    yerr=[0.0, *(b * r["steer_rate"]["drop_se"] for r in rep["rounds"])], fmt=style, capsize=3,
+                    label=label)
+        for key, name in (("mean_tokens", "length"), ("rep4", "repeated 4-grams")):
+            a2.plot(ks, [r["guards"][key]["ratio"] for r in rep["rounds"]], style, label=f"{name}, {label}")
+        a1.set_xticks([0, *ks])
+        a2.set_xticks(ks)
+    a1.axhline(b * 0.15, color="gray", ls=":", lw=0.8, label="-85%")
+    a1.set_xlabel("round")
+    a1.set_ylabel("held-out steers per 1,000 tokens (+- s.e.)")
+    a1.legend(fontsize=8)
+    a1.grid(alpha=0.3)
+    for v in (0.9, 1.1):
+        a2.axhline(v, color="gray", ls="--", lw=0.8)
+    a2.set_xlabel("round")
+    a2.set_ylabel("tuned / base")
+    a2.set_title("guards (dashed: +-10%)")
+    a2.legend(fontsize=8)
+    a2.grid(alpha=0.3)
+    fig.suptitle("rounds: adapter k trained from the base model vs continuing adapter k-1 (all steers of rounds 1..k)",
+                 fontsize=10)
+    fig.tight_layout()
+    path = out / "rounds-modes.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def round_data(rdir: Path, k: int) -> Path:

@@ -126,3 +126,16 @@ def test_a_rerun_trains_each_round_on_its_own_rounds_steers(tmp_path, monkeypatc
                                             ("adapter-2", ["a.json", "b.json", "r2-c.json"])]
         assert trained[1][2][-2:] == ["--init-adapter", str(out / "rounds-continue" / "adapter-1")]
     assert [k for k, _ in captures] == [2, 2]
+
+
+def test_both_rounds_modes_are_plotted_once_both_ran(tmp_path):
+    def rep(rates):
+        rows = [{"round": k, "steer_rate": {"tuned": t, "drop_se": 0.05},
+                 "guards": {"mean_tokens": {"ratio": 0.95}, "rep4": {"ratio": 1.02}}} for k, t in enumerate(rates, 1)]
+        return json.dumps({"base": {"steers_per_1k_tokens": 10.0}, "rounds": rows})
+
+    (tmp_path / "rounds.json").write_text(rep([2.0, 1.9]))
+    assert loop_rounds.plot_modes(tmp_path) is None  # one mode only: nothing to compare
+    (tmp_path / "rounds-continue.json").write_text(rep([2.0, 1.0]))
+    png = loop_rounds.plot_modes(tmp_path)
+    assert png == tmp_path / "rounds-modes.png" and png.read_bytes()[:4] == b"\x89PNG"
