@@ -69,8 +69,12 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-layers", help="blocks that get LoRA: all (default), last:N, or 0-based 'A-B,C'")
     p.add_argument("--init-adapter", metavar="DIR",
                    help="go on training this LoRA adapter (a previous steer-train --out) instead of a fresh one")
-    _values(p, ("--eval-fraction", float), ("--model-token-weight", float), ("--accepted-weight", float),
-            ("--chosen-continuation", int), ("--rejected-tokens", int), ("--max-length", int))
+    _values(p, ("--eval-fraction", float), ("--model-token-weight", float), ("--accepted-weight", float))
+    p.add_argument("--chosen-continuation", type=int, metavar="N",
+                   help="add the model's first N tokens after a correction to its chosen side (on-policy; default 0)")
+    p.add_argument("--rejected-tokens", type=int, metavar="K",
+                   help="the rejected side: the first K tokens of the cut text (default: as many as the chosen side)")
+    _values(p, ("--max-length", int))
     p.add_argument("--batch-size", type=int, help="tasks per device per step")
     _values(p, ("--grad-accum", int), ("--token-budget", int), ("--save-steps", int), ("--seed", int))
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
