@@ -52,7 +52,9 @@ def drop_se(base: dict, tuned: dict) -> float:
 
 def subset(tasks_dir: Path, records: list[dict], n_steers: int, dst: Path) -> int:
     """Copy the capture's task files, in capture order, into ``dst`` until they hold at least
-    ``n_steers`` steers (nested: a larger N starts with the same files). Returns the steers."""
+    ``n_steers`` steers (nested: a larger N starts with the same files). Returns the steers.
+    Tasks without a steer are copied too, as they come: steer-train reads their model-written
+    text (the reference KL), so the whole capture is the main run's training data exactly."""
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
@@ -61,7 +63,7 @@ def subset(tasks_dir: Path, records: list[dict], n_steers: int, dst: Path) -> in
         if got >= n_steers:
             break
         src = tasks_dir / f"{r['task']}.json"
-        if r["steers"] and src.is_file():
+        if src.is_file():
             shutil.copy2(src, dst / src.name)
             got += r["steers"]
     return got
@@ -166,11 +168,8 @@ def run_rounds(loop: ModuleType, ns: Any, st: Any, cache: Path, model_sha: str, 
     train_args = loop.shlex.split(ns.train_args)
     mode = getattr(ns, "rounds_from", "base")
     rdir = ns.out / ("rounds" if mode == "base" else f"rounds-{mode}")
-    first = rdir / "capture-1.json"  # round 1: the whole capture (kept with later rounds' files on a rerun)
-    stale = not first.is_file() or json.loads(first.read_text()).get("data") != str(data)
-    if stale or not (rdir / "captured" / "1").is_dir():
-        subset(data, cap["records"], 10**9, rdir / "captured" / "1")
-        first.write_text(json.dumps({"data": str(data), "steers": cap["steers"]}))
+    subset(data, cap["records"], 10**9, rdir / "captured" / "1")  # round 1: the whole capture, afresh each run
+    (rdir / "capture-1.json").write_text(json.dumps({"data": str(data), "steers": cap["steers"]}))
     rows, captured = [], [cap["steers"]]
     adapter: Path | None = None
     for k in range(1, n_rounds + 1):

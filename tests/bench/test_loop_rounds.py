@@ -50,8 +50,8 @@ def test_subsets_are_nested_and_in_capture_order(tmp_path):
         d = tmp_path / f"sub{n}"
         got[n] = (loop_rounds.subset(src, records, n, d), sorted(p.name for p in d.iterdir()))
     assert got[1] == (3, ["t0.json"])  # whole task files: at least n steers
-    assert got[4] == (8, ["t0.json", "t2.json"])  # a task without steers adds nothing
-    assert got[9] == (10, ["t0.json", "t2.json", "t3.json"])
+    assert got[4] == (8, ["t0.json", "t1.json", "t2.json"])  # a task without steers comes as it came
+    assert got[9] == (10, ["t0.json", "t1.json", "t2.json", "t3.json"])  # the whole capture
     assert got[100] == got[9]  # all there is
     for a, b in ((1, 4), (4, 9)):
         assert set(got[a][1]) <= set(got[b][1])
@@ -82,9 +82,10 @@ def fake_loop(tmp_path, trained):
 
     data = tmp_path / "capture"
     data.mkdir(exist_ok=True)
-    for name in ("a", "b"):
+    for name in ("a", "b", "z"):
         (data / f"{name}.json").write_text(f'{{"id": "{name}"}}')
     cap = {"steers": 4, "records": [{"task": "a", "steers": 3, "model_tokens": 50},
+                                    {"task": "z", "steers": 0, "model_tokens": 50},
                                     {"task": "b", "steers": 1, "model_tokens": 50}]}
     base = {"steers": 9, "model_tokens": 1000, "steers_per_1k_tokens": 9.0, "records": []}
 
@@ -122,8 +123,8 @@ def test_a_rerun_trains_each_round_on_its_own_rounds_steers(tmp_path, monkeypatc
         trained = []
         ns = types.SimpleNamespace(out=out, train_args="", rounds_from=mode, target_drop=0.5)
         loop_rounds.run_rounds(fake_loop(tmp_path, trained), ns, None, tmp_path, "sha", 2)
-        assert [t[:2] for t in trained] == [("adapter-1", ["a.json", "b.json"]),
-                                            ("adapter-2", ["a.json", "b.json", "r2-c.json"])]
+        assert [t[:2] for t in trained] == [("adapter-1", ["a.json", "b.json", "z.json"]),  # the main run's data
+                                            ("adapter-2", ["a.json", "b.json", "r2-c.json", "z.json"])]
         assert trained[1][2][-2:] == ["--init-adapter", str(out / "rounds-continue" / "adapter-1")]
     assert [k for k, _ in captures] == [2, 2]
 
