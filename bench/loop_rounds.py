@@ -53,8 +53,9 @@ def drop_se(base: dict, tuned: dict) -> float:
 def subset(tasks_dir: Path, records: list[dict], n_steers: int, dst: Path) -> int:
     """Copy the capture's task files, in capture order, into ``dst`` until they hold at least
     ``n_steers`` steers (nested: a larger N starts with the same files). Returns the steers.
-    Tasks without a steer are copied too, as they come: steer-train reads their model-written
-    text (the reference KL), so the whole capture is the main run's training data exactly."""
+    Tasks without a steer are copied too, as they come: the whole capture is then the main
+    run's data file for file (one cached point), and objectives that train on text without a
+    steer (``sft+dpo``) see it (``dpo`` skips those tasks)."""
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
