@@ -61,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
-    import trl
+
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit("bench/trl_dpo.py: TRL is not installed; the bench extra has it: "
+                         "pip install -e '.[bench]' (or pip install 'trl>=1.16,<2')") from None
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
