@@ -100,7 +100,8 @@ def run_compare(loop: ModuleType, ns: Any, st: Any, cache: Path, model_sha: str,
     ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / "compare.json").write_text(json.dumps(report, indent=1))
     print(f"side by side on {cap['steers']} captured steers: base {base['steers_per_1k_tokens']:.2f} steers/1k "
-          f"held-out tokens (+- {loop_rounds.rate_se(base['records']):.2f}); epoch = wall seconds of one epoch")
+          f"held-out tokens (+- {loop_rounds.rate_se(base['records']):.2f}); epoch = wall seconds of one epoch "
+          "(steer-train's: its steps + its one-time reference pass)")
     print(HEADER + "   epoch s")
     for r in rows:
         print(row(r["method"][:10], r) + f"   {r['train_seconds']:7.0f}")

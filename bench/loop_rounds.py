@@ -87,15 +87,27 @@ def point(loop: ModuleType, st: Any, base: dict, data: Path, tdir: Path, train_a
     old = cached_point(key)
     if old is not None:
         loop.log(f"point {tdir.name}: cached ({key})")
-        return finish_point(loop, base, old["tuned"], old["train_steers"], old["train_seconds"],
-                            Path(old.get("adapter_dir", tdir)), key, target)
+        adapter_dir = Path(old.get("adapter_dir", tdir))
+        seconds = epoch_seconds(adapter_dir, old["train_seconds"])
+        return finish_point(loop, base, old["tuned"], old["train_steers"], seconds, adapter_dir, key, target)
     metrics = loop.train(data, tdir, train_args)
     gguf = tdir / "adapter.gguf"
     if not gguf.is_file():
         raise SystemExit(f"bench/loop.py: steer-train wrote no {gguf} ({metrics.get('adapter_gguf_error')})")
     tuned = loop.heldout_tuned(st, gguf)
-    return finish_point(loop, base, tuned, metrics["data"]["train_steers"], metrics["train"]["seconds"], tdir, key,
+    return finish_point(loop, base, tuned, metrics["data"]["train_steers"], epoch_seconds(tdir, 0.0), tdir, key,
                         target)
+
+
+def epoch_seconds(adapter_dir: Path, fallback: float) -> float:
+    """What one epoch of steer-train cost: its steps plus the one-time reference pass before
+    them (part of an epoch's cost, as TRL's per-step reference forwards are part of its own),
+    from the run's metrics.json; ``fallback`` when that file is gone."""
+    f = adapter_dir / "metrics.json"
+    if not f.is_file():
+        return fallback
+    t = json.loads(f.read_text())["train"]
+    return round(t["seconds"] + t.get("reference_seconds", 0.0), 2)
 
 
 POINTS: Path | None = None  # bench/out/points: every measured point by key (set by loop.main)

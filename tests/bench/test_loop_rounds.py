@@ -140,3 +140,11 @@ def test_both_rounds_modes_are_plotted_once_both_ran(tmp_path):
     (tmp_path / "rounds-continue.json").write_text(rep([2.0, 1.0]))
     png = loop_rounds.plot_modes(tmp_path)
     assert png == tmp_path / "rounds-modes.png" and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_steer_train_epoch_includes_its_reference_pass(tmp_path):
+    """The epoch column compares steer-train with TRL, whose reference forwards run inside its
+    steps: steer-train's one-time reference pass before its steps counts too."""
+    (tmp_path / "metrics.json").write_text(json.dumps({"train": {"seconds": 221.93, "reference_seconds": 58.79}}))
+    assert loop_rounds.epoch_seconds(tmp_path, 1.0) == pytest.approx(280.72)
+    assert loop_rounds.epoch_seconds(tmp_path / "gone", 222.0) == 222.0  # no metrics: the point's own figure
