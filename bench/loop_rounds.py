@@ -241,7 +241,7 @@ def plot_modes(out: Path) -> Path | None:
                     yerr=[0.0, *(b * r["steer_rate"]["drop_se"] for r in rep["rounds"])], fmt=style, capsize=3,
                     label=label)
         for key, name in (("mean_tokens", "length"), ("rep4", "repeated 4-grams")):
-            a2.plot(ks, [r["guards"][key]["ratio"] for r in rep["rounds"]], style, label=f"{name}, {label}")
+            a2.plot(ks, [r["guards"][key]["ratio"] or 1.0 for r in rep["rounds"]], style, label=f"{name}, {label}")
         a1.set_xticks([0, *ks])
         a2.set_xticks(ks)
     a1.axhline(b * 0.15, color="gray", ls=":", lw=0.8, label="-85%")
