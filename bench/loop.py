@@ -9,7 +9,8 @@ the model need fewer steers, while it stays fluent?
    base + ``adapter.gguf`` (llama.cpp) are steered by the same rules: steers per 1,000
    generated tokens, overall and per rule; held-out steer accuracy (``steer-train eval`` on
    the base model's held-out steer trees, base vs adapter);
-4. **fluency guards**, base vs tuned with their ratio: mean response length (tokens), the
+4. **fluency guards**, base vs tuned with their ratio: mean response length (tokens, where
+   the model ended the answer, capped at ``--max-tokens``: ``answer_length``), the
    responses' repeated-4-gram rate, the base model's per-token NLL of the answers (tuned
    answers vs base answers), and perplexity on ``loop_data/neutral.txt``. A model that
    collapses into repetition or stops early also needs no steers; these catch it.
@@ -98,7 +99,7 @@ class Guard:
 # repetitive, text); repetition may only get worse by 10% (or 0.01 absolute, for rates near
 # 0) and neutral-text perplexity by 5% (better is fine).
 GUARDS = (
-    Guard("mean_tokens", "response length (tokens)", 0.9, 1.1),
+    Guard("mean_tokens", "response length (tokens, capped)", 0.9, 1.1),
     Guard("rep4", "repeated 4-gram rate", None, 1.1, slack=0.01),
     Guard("base_nll", "base NLL of answers (nats/token)", 0.9, 1.1),
     Guard("neutral_ppl", "perplexity on neutral.txt", None, 1.05),
@@ -231,21 +232,52 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var / len(xs))
 
 
-def answer_stats(engine, recs: list[dict]) -> dict[str, float]:
-    """Mean length and repeated-4-gram rate of the answers, each with its standard error
-    (the answers are few, and one looping answer moves the mean: the table shows how much)."""
-    lens, reps = [], []
+def answer_length(n_tokens: int, end: str, max_tokens: int) -> int:
+    """An answer's length as the guard counts it: where the model ended it (EOS), capped at
+    the budget; an answer the budget cut (``length``) or the rules gave up on (``gave-up``)
+    counts as the whole budget, since the model had not ended it.
+
+    Not the steered text's token count: the budget counts the tokens the model generated,
+    rolled back ones too, while a rewrite steer swaps ~10 cut tokens for ~20 rule-written
+    ones that it does not count. A budget-cut base answer with 1.5 rewrites holds ~168
+    tokens, the same answer from an adapter that needs no steer 160: the text count called
+    that "shorter" (rewrite rules: x0.89 for steer-train, x0.95 for a TRL adapter that ended
+    one answer in 80 by EOS against the base model's 12)."""
+    return min(n_tokens, max_tokens) if end == "eos" else max_tokens
+
+
+def answer_stats(engine, recs: list[dict], max_tokens: int) -> dict[str, float]:
+    """Mean length (``answer_length``) and repeated-4-gram rate of the answers, each with its
+    standard error (the answers are few, and one looping answer moves the mean: the table
+    shows how much), and the steered texts' mean token count (information, not a guard)."""
+    lens, reps, texts = [], [], []
     for r in recs:
         toks = engine.tokenize(r["text"])
-        lens.append(len(toks))
+        texts.append(len(toks))
+        lens.append(answer_length(len(toks), r["end"], max_tokens))
         reps.append(repeated_ngram_rate(toks))
     (ml, sl), (mr, sr) = mean_se(lens), mean_se(reps)
-    return {"mean_tokens": ml, "mean_tokens_se": sl, "rep4": mr, "rep4_se": sr}
+    return {"mean_tokens": ml, "mean_tokens_se": sl, "rep4": mr, "rep4_se": sr,
+            "text_tokens": sum(texts) / len(texts) if texts else 0.0}
 
 
-def guards_of(engine_base, tasks, recs: list[dict], ppl: float) -> dict[str, float]:
+def refresh_answer_stats(side: dict, max_tokens: int) -> bool:
+    """Recount a measured side's length and repetition from its answers when an older
+    bench/loop.py counted them (no ``text_tokens``): cached base runs and points stay
+    usable. Returns whether anything changed."""
+    if "text_tokens" in side["guards"] or not side.get("records"):
+        return False
+    engine = open_engine(None, n_ctx=256, n_threads=1)  # the tokenizer is all it needs
+    try:
+        side["guards"].update(answer_stats(engine, side["records"], max_tokens))
+    finally:
+        engine.close()
+    return True
+
+
+def guards_of(engine_base, tasks, recs: list[dict], ppl: float, max_tokens: int) -> dict[str, float]:
     return {
-        **answer_stats(engine_base, recs),
+        **answer_stats(engine_base, recs, max_tokens),
         "base_nll": answer_nll(engine_base, tasks, recs),
         "neutral_ppl": ppl,
         "eos_share": sum(1 for r in recs if r["end"] == "eos") / len(recs) if recs else 0.0,
@@ -287,12 +319,7 @@ def heldout_base(st: Settings, cache: Path, model_sha: str) -> tuple[Path, dict]
     if done.is_file():
         log(f"held-out base: cached in {d}")
         res = json.loads(done.read_text())
-        if "rep4_se" not in res["guards"]:  # cached by an older bench/loop.py
-            engine = open_engine(None, n_ctx=st.n_ctx, n_threads=st.threads)
-            try:
-                res["guards"].update(answer_stats(engine, res["records"]))
-            finally:
-                engine.close()
+        if refresh_answer_stats(res, st.max_tokens):  # cached by an older bench/loop.py
             done.write_text(json.dumps(res, indent=1))
         return d / "store" / "tasks", res
     tasks = load_tasks(st.heldout_prompts)
@@ -305,7 +332,7 @@ def heldout_base(st: Settings, cache: Path, model_sha: str) -> tuple[Path, dict]
 
             shutil.rmtree(d / "store")
         res = steer_run(engine, tasks, st, Store(d / "store"), st.heldout_samples)
-        res["guards"] = guards_of(engine, tasks, res["records"], neutral_ppl(engine))
+        res["guards"] = guards_of(engine, tasks, res["records"], neutral_ppl(engine), st.max_tokens)
     finally:
         engine.close()
     res["seconds"] = round(time.time() - t0, 1)
@@ -356,7 +383,7 @@ def heldout_tuned(st: Settings, adapter_gguf: Path) -> dict:
             res = steer_run(engine, tasks, st, Store(tmp), st.heldout_samples)
         ppl = neutral_ppl(engine)
         engine.set_adapter_enabled(False)  # the guards' NLL is the base model's
-        res["guards"] = guards_of(engine, tasks, res["records"], ppl)
+        res["guards"] = guards_of(engine, tasks, res["records"], ppl, st.max_tokens)
     finally:
         engine.close()
     res["seconds"] = round(time.time() - t0, 1)
@@ -386,6 +413,7 @@ def compare(base: dict, tuned: dict, acc: dict | None, target_drop: float) -> di
         "per_rule": per_rule,
         "guards": guards,
         "eos_share": {"base": base["guards"]["eos_share"], "tuned": tuned["guards"]["eos_share"]},
+        "text_tokens": {"base": base["guards"].get("text_tokens"), "tuned": tuned["guards"].get("text_tokens")},
     }
     if acc:
         res["steer_accuracy"] = {"base": acc["before"].get("steer_accuracy"), "tuned": acc["after"].get("steer_accuracy"),
@@ -416,6 +444,9 @@ def table(res: dict) -> str:
             lines.append(f"{'  +- standard error':34s} {g['base_se']:9.3f} {g['tuned_se']:9.3f}")
     e = res["eos_share"]
     lines.append(f"{'share of answers ending in EOS':34s} {e['base']:9.2f} {e['tuned']:9.2f}")
+    tt = res.get("text_tokens") or {}
+    if tt.get("base") is not None and tt.get("tuned") is not None:  # information: steers change it
+        lines.append(f"{'  steered text (tokens, not a guard)':34s} {tt['base']:9.1f} {tt['tuned']:9.1f}")
     lines.append(f"{'per rule, steers / 1k tokens':34s}")
     for r, v in res["per_rule"].items():
         lines.append(f"{'  ' + r:34s} {v['base']:9.2f} {v['tuned']:9.2f}")

@@ -48,7 +48,7 @@ def export_pairs(loop: ModuleType, data: Path, dst: Path) -> int:
 def trl_point(loop: ModuleType, st: Any, base: dict, data: Path, cache: Path, tdir: Path, lr: float,
               target: float, epochs: float) -> dict:
     key = data_key(data, ["trl", lr, epochs], st)
-    old = loop_rounds.cached_point(key)
+    old = loop_rounds.cached_point(key, loop, st)
     if old is not None:
         loop.log(f"point {tdir.name}: cached ({key})")
         return finish_point(loop, base, old["tuned"], old["train_steers"], old["train_seconds"], tdir, key, target)

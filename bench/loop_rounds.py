@@ -84,7 +84,7 @@ def point(loop: ModuleType, st: Any, base: dict, data: Path, tdir: Path, train_a
     in ``tdir/point.json`` (with every tuned answer) and reused when nothing it depends on
     changed, so ``--curve``, ``--rounds`` and ``--compare`` share points."""
     key = data_key(data, train_args, st)
-    old = cached_point(key)
+    old = cached_point(key, loop, st)
     if old is not None:
         loop.log(f"point {tdir.name}: cached ({key})")
         adapter_dir = Path(old.get("adapter_dir", tdir))
@@ -113,9 +113,16 @@ def epoch_seconds(adapter_dir: Path, fallback: float) -> float:
 POINTS: Path | None = None  # bench/out/points: every measured point by key (set by loop.main)
 
 
-def cached_point(key: str) -> dict | None:
+def cached_point(key: str, loop: ModuleType | None = None, st: Any = None) -> dict | None:
+    """The point measured before under ``key``, or None. With ``loop``, its answers' length and
+    repetition are recounted if an older bench/loop.py counted them (``refresh_answer_stats``)."""
     f = POINTS / f"{key}.json" if POINTS is not None else None
-    return json.loads(f.read_text()) if f is not None and f.is_file() else None
+    if f is None or not f.is_file():
+        return None
+    old = json.loads(f.read_text())
+    if loop is not None:
+        loop.refresh_answer_stats(old["tuned"], st.max_tokens)
+    return old
 
 
 def finish_point(loop: ModuleType, base: dict, tuned: dict, steers: int, seconds: float, tdir: Path, key: str,

@@ -33,6 +33,51 @@ def test_mean_and_standard_error_by_hand():
     assert m == 2.5 and se == pytest.approx((5 / 3 / 4) ** 0.5)
 
 
+def test_answer_length_counts_where_the_model_ended_it():
+    loop = _loop()
+    assert loop.answer_length(90, "eos", 160) == 90
+    assert loop.answer_length(170, "eos", 160) == 160  # rewrites grew it past the budget: capped
+    assert loop.answer_length(168, "length", 160) == 160  # the budget cut it, not the model
+    assert loop.answer_length(150, "length", 160) == 160  # rolled back more than rewrites wrote
+    assert loop.answer_length(40, "gave-up", 160) == 160  # the rules gave up, the model had not ended
+
+
+def test_the_length_guard_is_not_fooled_by_rewrite_steers():
+    """Rewrite steers swap ~10 cut tokens for ~20 rule-written ones the budget does not count,
+    so a budget-cut answer that needed steers holds more text than one that needed none. Two
+    models that never end early have the same length; one that ends a quarter of its answers
+    at 100 tokens is shorter by that much, whatever the steers did to the texts."""
+    loop = _loop()
+
+    class Words:  # a tokenizer: one token per word
+        @staticmethod
+        def tokenize(text):
+            return text.split()
+
+    def answers(n_words, ends):
+        return [{"text": " ".join(f"w{i % 37}" for i in range(n)), "end": e} for n, e in zip(n_words, ends)]
+
+    steered = answers([176, 168, 172, 160], ["length"] * 4)  # the base model: rewrites grew each
+    clean = answers([160] * 4, ["length"] * 4)  # an adapter no rule had to steer
+    early = answers([160, 160, 160, 100], ["length"] * 3 + ["eos"])
+    b = loop.answer_stats(Words, steered, 160)
+    assert b["text_tokens"] == 169 and b["mean_tokens"] == 160
+    assert loop.answer_stats(Words, clean, 160)["mean_tokens"] / b["mean_tokens"] == 1.0
+    assert loop.answer_stats(Words, early, 160)["mean_tokens"] / b["mean_tokens"] == pytest.approx(145 / 160)
+
+
+def test_a_cached_side_counted_by_an_older_bench_is_recounted():
+    pytest.importorskip("llama_cpp")
+    loop = _loop()
+    recs = [{"text": "Red, green and blue.", "end": "eos"}, {"text": "Red " * 30, "end": "length"}]
+    side = {"records": recs, "guards": {"mean_tokens": 999.0, "rep4": 0.5, "base_nll": 1.0}}
+    assert loop.refresh_answer_stats(side, 24) is True
+    g = side["guards"]
+    assert g["mean_tokens"] == pytest.approx((len(recs[0]["text"].split()) + 2 + 24) / 2, abs=1.5)  # a few tokens
+    assert g["mean_tokens"] < 20 and g["text_tokens"] > g["mean_tokens"] and g["base_nll"] == 1.0
+    assert loop.refresh_answer_stats(side, 24) is False  # counted now: left alone
+
+
 def test_guard_bounds():
     loop = _loop()
     two_sided = loop.Guard("x", "x", 0.85, 1.15)
