@@ -185,13 +185,15 @@ async def test_resample_branch_switch_undo_redo_accept(app_for, store):
         h = next(n for n in data["nodes"] if n["author"] == "human")
         n_nodes = len(data["nodes"])
         await pilot.press("u")
-        await pilot.pause()
+        # the save lands on the app's own schedule: wait for it, not for a fixed pause (a
+        # pause lost this race under a loaded CPU)
+        await wait_for(pilot, lambda: read_task(store)["discarded"], what="the undo saved")
         data = read_task(store)
         assert data["discarded"] == [h["id"]] and len(data["nodes"]) == n_nodes
         assert h["id"] not in {n["id"] for n in path_of(data, saved_end(data))}
         assert scr.status.steers == 0
         await pilot.press("U")
-        await pilot.pause()
+        await wait_for(pilot, lambda: not read_task(store)["discarded"], what="the redo saved")
         data = read_task(store)
         assert data["discarded"] == []
         assert h["id"] in {n["id"] for n in path_of(data, saved_end(data))}
