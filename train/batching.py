@@ -59,6 +59,20 @@ class Batch:
             masks[i] = [bool(m) for m in s.model_mask[1:]]
         return masks
 
+    def logp_masks(self, *, sft: bool, model_tokens: bool) -> list[list[bool]]:
+        """Per sequence, which token log-probs a loss reads (`token_logprobs`' ``logp_masks``):
+        each DPO sequence's span (chosen or rejected; ORPO's NLL and the first-token weight
+        read the same spans), and on the SFT paths the weighted targets (``sft``: the SFT
+        term) and the model-written ones (``model_tokens``: the one-token KL)."""
+        masks: list[list[bool]] = [[False] * (len(s) - 1) for s in self.sequences]
+        for i, s in zip(self.sft_idx, self.sft):
+            masks[i] = [(sft and float(w) > 0) or (model_tokens and bool(m))
+                        for w, m in zip(s.weights[1:], s.model_mask[1:])]
+        for p, c, r in zip(self.pairs, self.chosen_idx, self.rejected_idx):
+            for i, (a, b) in ((c, p.chosen_span), (r, p.rejected_span)):
+                masks[i][a:b] = [True] * (b - a)
+        return masks
+
     def norms(self) -> dict[str, float]:
         """The denominators of the batch's mean loss terms (the loss of a micro-batch is its
         share of the batch's: its sums over these)."""

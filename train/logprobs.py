@@ -189,16 +189,32 @@ def _child_logprobs(logits: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, 
 
 
 def _head_logprobs(hidden: torch.Tensor, head: LMHead, src: torch.Tensor, tgt: torch.Tensor,
-                   need: np.ndarray | None, start: int, dists: list[torch.Tensor], states: bool) -> torch.Tensor:
+                   need: np.ndarray | None, start: int, dists: list[torch.Tensor], states: bool,
+                   want: np.ndarray | None = None) -> torch.Tensor:
     """The chunked equivalent of `_child_logprobs` from the hidden states ``[K, H]`` that the
     output layer would have turned into logits. Flagged edges append their hidden rows
-    (``states``) or their full log-softmax rows to ``dists``."""
+    (``states``) or their full log-softmax rows to ``dists``.
+
+    ``want`` (flags over the flat edge vector, like ``need``): only the flagged edges' log-probs
+    are computed, from the hidden rows they read; the others are 0. The output layer is the
+    costliest part of a small model's step (``V x H`` per row and direction), and a loss
+    reads few of a row's log-probs (the DPO spans), so this skips most of it."""
     if need is not None:
         local = np.flatnonzero(need[start : start + len(src)])
         if len(local):
             rows = hidden[src[torch.from_numpy(local).to(src.device)]]
             dists.append(rows if states else head.logits(rows).log_softmax(-1))
-    return head_token_logprobs(hidden, head, src, tgt)
+    if want is None:
+        return head_token_logprobs(hidden, head, src, tgt)
+    # zeros that stay in the graph: a micro-batch whose loss reads none of them still gives
+    # every trainable parameter a (zero) gradient, as reading all of them did
+    out = hidden.new_zeros(len(src), dtype=torch.float32) + hidden[:1].sum().float() * 0.0
+    local = np.flatnonzero(want[start : start + len(src)])
+    if not len(local):
+        return out
+    idx = torch.from_numpy(local).to(src.device)
+    rows, row_of = torch.unique(src[idx], return_inverse=True)
+    return out.index_put((idx,), head_token_logprobs(hidden[rows], head, row_of, tgt[idx]))
 
 
 # --------------------------------------------------------------------------- output layer
@@ -288,7 +304,7 @@ def _call(model, tap: _HeadTap | None, **kwargs):
 
 def _tree_forward(model, plan: PackPlan, device, need: np.ndarray | None = None,
                   dists: list[torch.Tensor] | None = None, tap: _HeadTap | None = None,
-                  states: bool = False) -> list[torch.Tensor]:
+                  states: bool = False, want: np.ndarray | None = None) -> list[torch.Tensor]:
     impl = getattr(_config(model), "_attn_implementation", None) or "eager"
     dtype = _model_dtype(model)
     can_keep = "logits_to_keep" in _forward_params(model)
@@ -307,7 +323,7 @@ def _tree_forward(model, plan: PackPlan, device, need: np.ndarray | None = None,
         tgt = torch.from_numpy(row.tokens[row.child]).to(device)
         if hidden is not None:
             hidden = hidden[0] if can_keep else hidden[0][keep]
-            parts.append(_head_logprobs(hidden, tap.head, src, tgt, need, start, dists, states))
+            parts.append(_head_logprobs(hidden, tap.head, src, tgt, need, start, dists, states, want))
         else:
             logits = logits[0] if can_keep else logits[0][keep]
             parts.append(_child_logprobs(logits, src, tgt, need, start, dists))
@@ -317,7 +333,7 @@ def _tree_forward(model, plan: PackPlan, device, need: np.ndarray | None = None,
 
 def _linear_forward(model, plan: PackPlan, seqs: list[np.ndarray], device, need: np.ndarray | None = None,
                     dists: list[torch.Tensor] | None = None, tap: _HeadTap | None = None,
-                    states: bool = False) -> list[torch.Tensor]:
+                    states: bool = False, want: np.ndarray | None = None) -> list[torch.Tensor]:
     parts = []
     start = 0
     for batch, width in zip(plan.linear_rows, plan.linear_width):
@@ -333,12 +349,30 @@ def _linear_forward(model, plan: PackPlan, seqs: list[np.ndarray], device, need:
         src = torch.arange(tgt.shape[0], device=device)
         if hidden is not None:
             flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-            parts.append(_head_logprobs(flat, tap.head, src, tgt, need, start, dists, states))
+            parts.append(_head_logprobs(flat, tap.head, src, tgt, need, start, dists, states, want))
         else:
             flat = logits[:, :-1].reshape(-1, logits.shape[-1])  # [B * (W-1), V]
             parts.append(_child_logprobs(flat, src, tgt, need, start, dists))
         start += len(src)
     return parts
+
+
+def _edge_flags(name: str, masks: Sequence[Sequence[bool]], plan: PackPlan):
+    """Per-sequence flags (one per predicted token) checked against the plan, and mapped to
+    the plan's flat edges: ``(flags, their concatenation, edge flags)``. An edge shared by
+    several sequences (a common prefix) is flagged when any of them flags it."""
+    if len(masks) != len(plan.seq_counts):
+        raise ValueError(f"{name} has {len(masks)} entries for {len(plan.seq_counts)} sequences")
+    flags = []
+    for i, (m, n) in enumerate(zip(masks, plan.seq_counts)):
+        a = np.asarray(m, dtype=bool).reshape(-1)
+        if len(a) != n:
+            raise ValueError(f"{name}[{i}] has {len(a)} flags; sequences[{i}] predicts {n} tokens")
+        flags.append(a)
+    picked = np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
+    edges = np.zeros(plan.n_edges, dtype=bool)
+    edges[plan.seq_index[picked]] = True
+    return flags, picked, edges
 
 
 def token_logprobs(
@@ -354,6 +388,7 @@ def token_logprobs(
     dist_states: bool = False,
     fused: bool = True,
     head_chunk: int | None = None,
+    logp_masks: Sequence[Sequence[bool]] | None = None,
 ):
     """Per-token log-probs of each sequence under `model` (a HF causal LM, maybe peft).
 
@@ -382,6 +417,11 @@ def token_logprobs(
         the model returns unchanged (checked on every call from one position); otherwise,
         and with ``fused=False``, the plain path runs.
     head_chunk: rows per chunk (default: ~64 MiB of fp32 logits, `train.chunked.chunk_rows`).
+    logp_masks: per sequence, one flag per predicted token (like ``dist_masks``): the log-probs
+        the caller will read. With the chunked output layer only those are computed and the
+        others come back as 0 (still in the graph), or as their value where a sequence sharing
+        that prefix flagged the same prediction; the plain path computes them all. A
+        loss that reads few positions (DPO spans) then skips most of the output layer.
     """
     if packing not in PACKINGS:
         raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
@@ -402,20 +442,13 @@ def token_logprobs(
                 raise TreePackingUnsupported(f"tree packing refused: {reason}")
             warnings.warn(f"tree packing refused, using packing='none': {reason}", stacklevel=2)
             return token_logprobs(model, seqs, packing="none", token_budget=token_budget, device=device,
-                                  dist_masks=dist_masks, dist_states=dist_states, fused=fused, head_chunk=head_chunk)
-    need = None
+                                  dist_masks=dist_masks, dist_states=dist_states, fused=fused, head_chunk=head_chunk,
+                                  logp_masks=logp_masks)
+    need = want = None
     if dist_masks is not None:
-        if len(dist_masks) != len(seqs):
-            raise ValueError(f"dist_masks has {len(dist_masks)} entries for {len(seqs)} sequences")
-        flags = []
-        for i, (m, n) in enumerate(zip(dist_masks, plan.seq_counts)):
-            a = np.asarray(m, dtype=bool).reshape(-1)
-            if len(a) != n:
-                raise ValueError(f"dist_masks[{i}] has {len(a)} flags; sequences[{i}] predicts {n} tokens")
-            flags.append(a)
-        picked_flags = np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
-        need = np.zeros(plan.n_edges, dtype=bool)
-        need[plan.seq_index[picked_flags]] = True
+        flags, picked_flags, need = _edge_flags("dist_masks", dist_masks, plan)
+    if logp_masks is not None:
+        want = _edge_flags("logp_masks", logp_masks, plan)[2]
     dev = _model_device(model, device)
     found = lm_head_of(model, head_chunk) if fused else None
     tap = _HeadTap(*found) if found is not None else None
@@ -423,15 +456,16 @@ def token_logprobs(
     dists: list[torch.Tensor] = []
     try:
         if packing == "tree":
-            parts = _tree_forward(model, plan, dev, need, dists, tap, states)
+            parts = _tree_forward(model, plan, dev, need, dists, tap, states, want)
         else:
-            parts = _linear_forward(model, plan, seqs, dev, need, dists, tap, states)
+            parts = _linear_forward(model, plan, seqs, dev, need, dists, tap, states, want)
     except _Unfusable as exc:
         _UNFUSABLE.add(tap.module)
         warnings.warn(f"chunked log-probs off for {type(_base(model)).__name__} ({exc}); "
                       f"using full logits", stacklevel=2)
         return token_logprobs(model, seqs, packing=packing, token_budget=token_budget, device=device,
-                              plan=plan, dist_masks=dist_masks, dist_states=dist_states, fused=False)
+                              plan=plan, dist_masks=dist_masks, dist_states=dist_states, fused=False,
+                              logp_masks=logp_masks)
     if not parts:
         logps = [torch.zeros(0, dtype=torch.float32, device=dev) for _ in seqs]
     else:

@@ -4,7 +4,8 @@
   training step: eval mode (no dropout), the adapter disabled for the reference (a no-op on a
   model without one), and the training flag restored afterwards.
 * `ReferenceCache`: reference log-probs per (task, role, index), computed once before
-  training (sharded over DDP ranks) and read by every step's DPO and one-token KL terms;
+  training (sharded over DDP ranks) and read by every step's DPO and one-token KL terms
+  (only the positions those terms read are computed: `Batch.logp_masks`);
   with ``states`` also the reference's last hidden states at the positions the
   full-vocabulary KL covers, so a step needs no reference forward (single process, within
   `STATES_BYTES`).
@@ -101,15 +102,19 @@ class ReferenceCache:
                 b = Batch(todo[i : i + batch_size], use_sft=use_sft or states, use_pairs=use_pairs)
                 if not b.sequences:
                     continue
+                # the reference log-probs a step reads: the DPO spans, and with ``use_sft`` the
+                # one-token KL's model-written targets (`SteerTrainer.sft_reference`)
+                read = b.logp_masks(sft=False, model_tokens=use_sft)
                 if states:
                     out, rows = token_logprobs(model, b.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
-                                               fallback=True, dist_masks=b.kl_masks(), dist_states=True)
+                                               fallback=True, dist_masks=b.kl_masks(), dist_states=True,
+                                               logp_masks=read)
                     for k, r in zip(b.keys, rows):
                         if k[1] == "sft" and hasattr(r, "hidden"):  # plain rows (no tapped head): not kept
                             self.states[k] = r.hidden.detach().cpu()
                 else:
                     out = token_logprobs(model, b.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
-                                         fallback=True)
+                                         fallback=True, logp_masks=read)
                 for k, lp in zip(b.keys, out):
                     if use_sft or k[1] != "sft":  # SFT paths forwarded only for their states keep none
                         self.logps[k] = lp.detach().float().cpu()

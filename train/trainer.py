@@ -263,13 +263,14 @@ class SteerTrainer(Trainer):
         cfg = self.steer_config
         full_kl = cfg.full_kl and bool(batch.sft_idx)
         dists = None
+        read = batch.logp_masks(sft="sft" in cfg.objective, model_tokens=cfg.token_kl)
         if full_kl:
             masks = batch.kl_masks()
             logps, dists = token_logprobs(fwd, batch.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
-                                          fallback=True, dist_masks=masks, dist_states=True)
+                                          fallback=True, dist_masks=masks, dist_states=True, logp_masks=read)
         else:
             logps = token_logprobs(fwd, batch.sequences, packing=cfg.packing, token_budget=cfg.token_budget,
-                                   fallback=True)
+                                   fallback=True, logp_masks=read)
         device = logps[0].device
         ref = self.reference.get(batch.keys, device, sft=self.sft_reference)
         terms = self.loss_terms(batch, logps, ref, device, norms)
@@ -305,7 +306,7 @@ class SteerTrainer(Trainer):
         with reference_mode(model):
             _, rows = token_logprobs(model, [batch.sequences[i] for i in batch.sft_idx], packing=cfg.packing,
                                      token_budget=cfg.token_budget, fallback=True, dist_masks=masks,
-                                     dist_states=True)
+                                     dist_states=True, logp_masks=[[False] * len(m) for m in masks])
         return rows
 
     def loss_terms(self, batch: Batch, logps: list[torch.Tensor], ref: list[torch.Tensor | None],

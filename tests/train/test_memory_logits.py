@@ -300,3 +300,96 @@ def test_saved_bytes_scale_with_tokens_not_vocab():
     # after: independent of V, linear in T
     assert res[(128, 2048)]["after"]["head"] == res[(128, 8192)]["after"]["head"]
     assert res[(128, 2048)]["after"]["head"] == pytest.approx(2 * res[(64, 2048)]["after"]["head"], rel=0.02)
+
+
+def test_logp_masks_compute_only_the_flagged_log_probs_and_keep_their_values_and_gradients(monkeypatch):
+    """``logp_masks``: flagged log-probs (and their gradients) equal the unmasked call's, the
+    others are 0, and the output layer runs on the rows the flagged edges read, no others
+    (what makes it cheaper; counted at `head_token_logprobs`)."""
+    from train import logprobs
+
+    m = lora(tiny(seed=4))
+    seqs = steer_sequences(random.Random(5), n_steers=3)
+    rng = random.Random(6)
+    read = [[rng.random() < 0.3 for _ in range(len(s) - 1)] for s in seqs]
+    read[0] = [False] * (len(seqs[0]) - 1)  # a sequence none of whose log-probs is read
+    rows_seen = []
+    real = logprobs.head_token_logprobs
+
+    def counting(hidden, head, src, tgt):
+        rows_seen.append(int(hidden.shape[0]))
+        return real(hidden, head, src, tgt)
+
+    monkeypatch.setattr(logprobs, "head_token_logprobs", counting)
+    out = {}
+    for mode in ("all", "masked"):
+        m.zero_grad(set_to_none=True)
+        rows_seen.clear()
+        lps = token_logprobs(m, seqs, head_chunk=3, logp_masks=read if mode == "masked" else None)
+        sum((lp * torch.tensor(f, dtype=torch.float32) * (1 + torch.arange(len(lp)))).sum()
+            for lp, f in zip(lps, read)).backward()
+        out[mode] = ([lp.detach() for lp in lps], grads_of(m), sum(rows_seen))
+    (full, g_full, rows_full), (masked, g_masked, rows_masked) = out["all"], out["masked"]
+    zeros = 0
+    for lp_f, lp_m, f in zip(full, masked, read):
+        f = torch.tensor(f)
+        torch.testing.assert_close(lp_m[f], lp_f[f], atol=VAL_TOL, rtol=0)
+        # unflagged: 0, or the value where another sequence through the same prefix flagged it
+        rest = lp_m[~f]
+        assert ((rest == 0) | ((rest - lp_f[~f]).abs() <= VAL_TOL)).all()
+        zeros += int((rest == 0).sum())
+    assert zeros > 0
+    assert_grads_close(g_masked, g_full)
+    # distinct (row) positions read: a shared prefix is one row of the tree
+    assert 0 < rows_masked < rows_full / 2, (rows_masked, rows_full)
+
+
+@pytest.mark.parametrize("opts", [
+    {"objective": "dpo"},  # the defaults: DPO spans + full KL
+    {"objective": "sft+dpo", "kl_mode": "token", "first_token_weight": 3.0},
+    {"objective": "dpo", "loss_type": "orpo", "length_normalize": True, "chosen_continuation": 2},
+    {"objective": "sft", "kl_mode": "token", "model_token_weight": 0.3},
+    {"objective": "dpo", "rejected_tokens": 5},
+], ids=["defaults", "sft-token-kl-first-weight", "orpo-continuation", "sft-model-weight", "rejected-5"])
+def test_the_trainer_reads_only_log_probs_it_asked_for(monkeypatch, tmp_path, opts):
+    """The trainer asks `token_logprobs` for the log-probs its loss reads (`Batch.logp_masks`),
+    the policy's and the reference cache's. Loss, metrics and LoRA gradients must equal a run
+    that computes every log-prob: a loss term that read an unrequested position (0 there)
+    would move them by far more than the bound (see the module docstring)."""
+    from tests.train.tiny import synthetic_tree, tiny_llama
+    from train.batching import Batch
+    from train.config import make_config
+    from train.data import DataOptions, build_task
+    from train.model_setup import build_peft_model
+    from train.trainer import SteerTrainer, TaskDataset, training_arguments
+
+    data_keys = ("chosen_continuation", "rejected_tokens", "model_token_weight")
+    cfg = make_config(data=["x"], out=str(tmp_path), lora_r=4, lora_dropout=0.0, kl_weight=2.0, progress=False,
+                      **opts)
+    dopts = DataOptions(**{k: v for k, v in opts.items() if k in data_keys})
+    tasks = [build_task(synthetic_tree(f"t{i}", i, n_steers=3), dopts) for i in range(2)]
+    assert all(t.pairs for t in tasks)
+    model = build_peft_model(tiny_llama(), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.2)
+    real = Batch.logp_masks
+    out = {}
+    for mode in ("masked", "all"):
+        if mode == "all":
+            monkeypatch.setattr(Batch, "logp_masks",
+                                lambda self, **k: [[True] * len(f) for f in real(self, **k)])
+        trainer = SteerTrainer(model=model, args=training_arguments(cfg, tmp_path / mode),
+                               train_dataset=TaskDataset(tasks), steer_config=cfg)
+        trainer.prepare_reference(tasks)
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(model, {"tasks": tasks})
+        loss.backward()
+        out[mode] = (float(loss), {k: v[-1] for k, v in trainer._metrics.items()}, grads_of(model))
+    (lm, mm, gm), (la, ma, ga) = out["masked"], out["all"]
+    assert lm == pytest.approx(la, abs=VAL_TOL) and abs(la) > 1e-3
+    assert mm.keys() == ma.keys()
+    for k in ma:
+        assert mm[k] == pytest.approx(ma[k], abs=VAL_TOL), k
+    assert_grads_close(gm, ga)

@@ -105,8 +105,13 @@ def test_reference_is_the_adapter_disabled_model(tmp_path):
     cache = ReferenceCache()
     cache.fill(model, tasks, cfg, True, True)
     got = cache.get(b.keys, "cpu")
-    for e, g in zip(expect, got):
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    # the cache holds the log-probs a step reads (the DPO spans, and with use_sft the SFT
+    # paths' model-written targets); the rest are not computed
+    read = b.logp_masks(sft=False, model_tokens=True)
+    assert sum(map(sum, read)) > 10
+    for e, g, f in zip(expect, got, read):
+        f = torch.tensor(f, dtype=torch.bool)
+        torch.testing.assert_close(g[f], e[f], atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         moved = token_logprobs(model, b.sequences)
     assert max(float((m - e).abs().max()) for m, e in zip(moved, expect)) > 1e-3
