@@ -65,6 +65,7 @@ def set_attn_impl(model, requested: str = "auto", device: str | None = None) -> 
 def build_peft_model(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
+    from train.dropout import use_sparse_dropout
     from train.modeling import lora_target_modules
 
     targets = lora_target_modules(model, mlp=cfg.lora_mlp)
@@ -90,6 +91,7 @@ def build_peft_model(model, cfg: TrainConfig):
     else:
         peft_model = get_peft_model(model, lc)
     fp32_trainable(peft_model)
+    use_sparse_dropout(peft_model)  # the same dropout, drawn cheaper on a CPU
     return peft_model
 
 
