@@ -161,12 +161,22 @@ def test_fsdp2_reference_split_and_empty_batch_rank(tmp_path):
     one.fill(model, tasks, cfg, True, True, batch_size=1, shard=True)
     assert one.computed == 5 and (r0["computed"], r1["computed"]) == (3, 2)  # each log-prob once
     assert r1["dummies_fill"] > 0  # rank 1 had fewer forwards: it padded
+    # the positions the cache computes (`Batch.logp_masks`): the unsharded run taps the output
+    # layer and computes only those; the FSDP ranks run the plain path, which computes all
+    from train.batching import Batch
+
+    read = {}
+    for t in tasks:
+        b = Batch([t], use_sft=True, use_pairs=True)
+        read.update((k, torch.tensor(f, dtype=torch.bool))
+                    for k, f in zip(b.keys, b.logp_masks(sft=False, model_tokens=True)))
+    assert sum(int(f.sum()) for f in read.values()) > 10
     for r in (r0, r1):
         assert sorted(r["vals"]) == sorted(repr(k) for k in one.logps)
         # the same fp32 computation on the same one-task rows: the weights come through an
         # all-gather that copies them bit for bit, so only a different kernel path could differ
-        diff = max(float((torch.tensor(r["vals"][repr(k)]) - v).abs().max()) if len(v) else 0.0
-                   for k, v in one.logps.items())
+        diff = max(float((torch.tensor(r["vals"][repr(k)])[read[k]] - v[read[k]]).abs().max())
+                   if bool(read[k].any()) else 0.0 for k, v in one.logps.items())
         assert diff <= 1e-6
 
     # the empty rank padded rank 0's forwards and added nothing: the reduce-scattered gradient
