@@ -284,17 +284,18 @@ def _kl_logit_grad(lp: Tensor, lq: Tensor, direction: str) -> Tensor:
     return rev + p - lq.exp()
 
 
-def _forward_kl_and_grad(z: Tensor, zq: Tensor) -> tuple[Tensor, Tensor]:
+def _forward_kl_and_grad(z: Tensor, zq: Tensor, grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """KL(q ‖ p) per row and its gradient ``p - q`` with respect to the policy logits ``z``
     (``zq`` the reference's), in fewer passes over the ``[n, V]`` rows than `kl_rows` and
     `_kl_logit_grad`: ``sum_v q (log q - log p) = sum_v q (zq - z) + lse(z) - lse(zq)``
     (``sum_v q = 1``), and the rows are overwritten in place (both are this chunk's own
-    temporaries). The same numbers up to fp32 rounding; the tests hold it to autograd."""
+    temporaries). The same numbers up to fp32 rounding; the tests hold it to autograd.
+    Without ``grad`` the gradient is not computed (None)."""
     lse_p = torch.logsumexp(z, -1, keepdim=True)
     lse_q = torch.logsumexp(zq, -1, keepdim=True)
     q = (zq - lse_q).exp_()
     kl = (q * zq.sub_(z)).sum(-1) + (lse_p - lse_q).squeeze(-1)
-    return kl, z.sub_(lse_p).exp_().sub_(q)
+    return kl, z.sub_(lse_p).exp_().sub_(q) if grad else None
 
 
 class _KLHead(torch.autograd.Function):
@@ -315,7 +316,7 @@ class _KLHead(torch.autograd.Function):
                 z, t = head.capped(policy[a:e], w, b)
                 zq = head.logits(reference[a:e], w, b)
                 if direction == "forward":
-                    kl, dz = _forward_kl_and_grad(z, zq)
+                    kl, dz = _forward_kl_and_grad(z, zq, need_grad)
                     outs.append(kl)
                 else:
                     lp, lq = z.log_softmax(-1), zq.log_softmax(-1)

@@ -71,7 +71,7 @@ def use_sparse_dropout(model) -> int:
         if not isinstance(drops, nn.ModuleDict):
             continue
         for name, d in drops.items():
-            if type(d) is nn.Dropout and d.p > 0:
+            if type(d) is nn.Dropout and 0 < d.p < 1:  # p = 1 drops everything: nn.Dropout does it
                 drops[name] = SparseDropout(d.p)
                 n += 1
     return n
